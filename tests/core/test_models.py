@@ -366,3 +366,13 @@ def test_build_model_rejects_unknown_names_and_arguments():
                                   "LightningDiT-1p0B/1", "LightningDiT-tiny/1"}
     model = build_model("LightningDiT-tiny/1", input_size=8, in_channels=40, semantic_channels=8, use_repa=False)
     assert model.x_embedder.proj.weight.shape == (64, 40, 1, 1) and not hasattr(model, "repa_projector")
+
+
+def test_forward_and_cfg_trace_without_graph_breaks():
+    """torch.compile-friendliness: one dynamo graph each (no .item(), no data-dependent Python branches)."""
+    model = randomize(tiny_sfd())
+    x, t, y = sfd_inputs()
+    explained = torch._dynamo.explain(model.train())(x, t, y)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    explained = torch._dynamo.explain(model.eval().forward_with_cfg)(x, t, y, 1.5, 0.2)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
