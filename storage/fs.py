@@ -216,9 +216,24 @@ def retrying(fn: Callable[..., T], *args: Any, attempts: int | None = None, base
 
 # ------------------------------------------------------------------------------------------ file helpers
 
+def _with_retries(url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``retrying`` plus a message that says where and as whom access was denied (never the secret)."""
+    try:
+        return retrying(fn, *args, **kwargs)
+    except PermissionError as error:
+        if is_local(url):
+            raise
+        options = storage_options(url)
+        endpoint = options.get("client_kwargs", {}).get("endpoint_url", "the default endpoint")
+        key_id = options.get("key", "the AWS credential chain")
+        raise PermissionError(
+            f"access denied for {url} at {endpoint} with key id {key_id!r}: {error}. Check AWS_ACCESS_KEY_ID/"
+            f"AWS_SECRET_ACCESS_KEY (or {EXTRA_OPTIONS_ENV_VAR}) and the bucket's permissions.") from error
+
+
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return retrying(fs.exists, path)
+    return _with_retries(url, fs.exists, path)
 
 
 def ls(url: str) -> list[str]:
@@ -226,7 +241,7 @@ def ls(url: str) -> list[str]:
     (S3 has no empty directories, so a missing prefix and an empty one are the same)."""
     fs, path = filesystem(url)
     try:
-        entries = retrying(fs.ls, path, detail=False)
+        entries = _with_retries(url, fs.ls, path, detail=False)
     except FileNotFoundError:
         return []
     names = sorted({basename(e) for e in entries if e.rstrip("/") != path.rstrip("/")})
@@ -237,14 +252,14 @@ def rm(url: str, recursive: bool = False) -> None:
     """Remove a file (or a tree with ``recursive=True``); removing something missing is not an error."""
     fs, path = filesystem(url)
     try:
-        retrying(fs.rm, path, recursive=recursive)
+        _with_retries(url, fs.rm, path, recursive=recursive)
     except FileNotFoundError:
         pass
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
-    return retrying(fs.cat_file, path)
+    return _with_retries(url, fs.cat_file, path)
 
 
 def _local_temp_path(path: str) -> str:
@@ -287,7 +302,7 @@ def write_bytes(url: str, data: bytes) -> None:
     if is_local(url):
         _write_local_atomic(path, bytes(data))
     else:
-        retrying(fs.pipe_file, path, bytes(data))
+        _with_retries(url, fs.pipe_file, path, bytes(data))
 
 
 def read_json(url: str) -> Any:
@@ -312,7 +327,7 @@ def put_file(local_path: str, url: str) -> None:
             _discard(tmp)
             raise
     else:
-        retrying(fs.put_file, local_path, path)
+        _with_retries(url, fs.put_file, local_path, path)
 
 
 def get_file(url: str, local_path: str) -> None:
@@ -320,7 +335,7 @@ def get_file(url: str, local_path: str) -> None:
     fs, path = filesystem(url)
     tmp = _local_temp_path(local_path)
     try:
-        retrying(fs.get_file, path, tmp)
+        _with_retries(url, fs.get_file, path, tmp)
         _commit_local(tmp, local_path)
     except BaseException:
         _discard(tmp)
@@ -333,4 +348,4 @@ def open(url: str, mode: str = "rb", **kwargs: Any):  # noqa: A001 - mirrors fss
     fs, path = filesystem(url)
     if "w" in mode and is_local(url):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return retrying(fs.open, path, mode, **kwargs)
+    return _with_retries(url, fs.open, path, mode, **kwargs)
