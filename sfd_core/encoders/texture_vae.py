@@ -176,7 +176,8 @@ def _load_diffusers(spec: dict[str, Any]) -> nn.Module:
     # A full pipeline folder keeps the VAE in vae/.
     subfolder = "vae" if not os.path.exists(os.path.join(folder, "config.json")) and os.path.isdir(
         os.path.join(folder, "vae")) else None
-    return AutoencoderKL.from_pretrained(folder, subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=False)
+    return AutoencoderKL.from_pretrained(folder, subfolder=subfolder, local_files_only=True,
+                                         low_cpu_mem_usage=False)  # no accelerate; avoids its warning
 
 
 def load_texture_vae(spec: dict[str, Any]) -> TextureVAE:
