@@ -1,0 +1,364 @@
+"""SFD training-step and sampler-forward throughput on one device, with MFU against a measured matmul ceiling.
+
+Training step = SFD loss forward (model in bf16 autocast with fp32 master weights, REPA on) + backward + fused
+AdamW + EMA update, on synthetic on-device batches (no data loading). Variants: eager, ``torch.compile`` default
+and ``mode="max-autotune-no-cudagraphs"``; the forward+loss function is compiled (the backward follows through
+AOTAutograd), the optimizer is fused AdamW and the EMA one multi-tensor lerp.
+
+FLOPs per image, forward, matmuls only (a multiply-add = 2 FLOPs), N tokens, H hidden, F SwiGLU hidden,
+L blocks, C input channels, p patch, R / D REPA projector hidden / output widths:
+
+    per block     2N(3H^2)  qkv  + 2N^2 H (Q K^T) + 2N^2 H (A V) + 2N H^2 proj + 2N(2HF) w12 + 2N(FH) w3
+                  + 2H(6H) adaLN (one row per image)
+    outside       2N(C p^2)H patch embed + 2N H(p^2 C) final linear + 2H(2H) final adaLN
+                  + 2 * 2(256 H/2 + (H/2)^2) timestep MLPs (SFD; plain: 2(256 H + H^2))
+    REPA (train)  2N(HR + R^2 + RD)
+
+Training FLOPs per image = 3 x forward (backward = 2 x forward; flash-attention recomputation not counted, as
+usual for MFU). ``torch.utils.flop_counter.FlopCounterMode`` cross-checks both numbers (SDPA forced to the math
+kernel while counting so attention shows up as matmuls on every device). Paper Table 16's 116.5 "GFLOPs" for
+XL/1 is multiply-adds, i.e. about half of our forward count.
+
+MFU = achieved model FLOP/s / measured bf16 ceiling (median of timed 8192^3 bf16 matmuls, CUDA events).
+
+    python benchmarks/train_step.py                                   # XL/1 on cuda, batch 32 and 128
+    python benchmarks/train_step.py --model LightningDiT-tiny/1 --device cpu --steps 2   # smoke check
+
+Prints a Markdown table; writes JSON to $OUT/train_step.json when OUT is set (or to --json).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sfd_core.models import build_model, model_config  # noqa: E402
+from sfd_core.reporting import log  # noqa: E402
+
+try:  # the project's SFD objective; a faithful local copy keeps the benchmark usable without it
+    from sfd_core.transport import LossConfig, sfd_training_loss
+except ImportError:  # pragma: no cover
+    LossConfig = None
+    sfd_training_loss = None
+
+COMPILE_MODES = {"eager": None, "compile": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+EMA_DECAY = 0.9999
+
+
+# ------------------------------------------------------------------------------------------------- FLOPs
+def forward_flops_per_image(cfg: dict, with_repa: bool) -> int:
+    """Analytic forward matmul FLOPs for one image (formula in the module docstring)."""
+    h, depth, p, c = cfg["hidden_size"], cfg["depth"], cfg["patch_size"], cfg["in_channels"]
+    n = (cfg["input_size"] // p) ** 2
+    f = int(2 / 3 * int(h * cfg["mlp_ratio"]))
+    c_out = 2 * c if cfg.get("learn_sigma") else c
+    block = 2 * n * 3 * h * h + 4 * n * n * h + 2 * n * h * h + 2 * n * h * 2 * f + 2 * n * f * h + 2 * h * 6 * h
+    outside = 2 * n * c * p * p * h + 2 * n * h * p * p * c_out + 2 * h * 2 * h
+    if cfg["semantic_channels"] > 0:
+        outside += 2 * 2 * (256 * (h // 2) + (h // 2) ** 2)
+    else:
+        outside += 2 * (256 * h + h * h)
+    repa = 0
+    if with_repa and cfg["use_repa"]:
+        r, d = cfg["repa_projector_dim"], cfg["repa_out_dim"]
+        repa = 2 * n * (h * r + r * r + r * d)
+    return depth * block + outside + repa
+
+
+def counted_flops_per_image(model, make_batch, device) -> tuple[float, float]:
+    """FlopCounterMode (forward, forward+backward) per image of the training forward, batch 2."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t, y, _ = make_batch(2)
+    model.train()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fwd:
+        velocity, projection = model(x, t, y)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as total:
+        velocity, projection = model(x, t, y)
+        (velocity.float().square().mean() + projection.float().square().mean()).backward()
+    model.zero_grad(set_to_none=True)
+    return fwd.get_total_flops() / 2, total.get_total_flops() / 2
+
+
+# ------------------------------------------------------------------------------------------------ timing
+class Timer:
+    """Wall time of a region: CUDA events on GPU, perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
+def matmul_ceiling(device: torch.device, size: int, reps: int) -> float:
+    """Median bf16 FLOP/s of size^3 matmuls."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        with Timer(device) as timer:
+            a @ b
+        times.append(timer.seconds)
+    return 2 * size ** 3 / statistics.median(times)
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+
+
+# ------------------------------------------------------------------------------------------ training step
+def local_sfd_loss(model, x1, y, dino, delta_t=0.3, semantic_channels=16, semantic_weight=2.0, repa_weight=1.0):
+    """SFD objective (SPEC 5.1-5.2), used only when ``sfd_core.transport`` is unavailable."""
+    import torch.nn.functional as F
+
+    tau = torch.sigmoid(torch.randn(x1.shape[0], device=x1.device)) * (1 + delta_t)
+    t_sem, t_tex = tau.clamp(max=1.0), (tau - delta_t).clamp(min=0.0)
+    n_tex = x1.shape[1] - semantic_channels
+    t = torch.cat([t_tex[:, None].expand(-1, n_tex), t_sem[:, None].expand(-1, semantic_channels)], 1)[..., None, None]
+    x0 = torch.randn_like(x1)
+    velocity, projection = model(t * x1 + (1 - t) * x0, (t_tex, t_sem), y)
+    velocity, target = velocity.float(), x1 - x0
+    weights = torch.ones(x1.shape[1], device=x1.device)
+    weights[n_tex:] = semantic_weight
+    mse = ((velocity - target) ** 2 * weights[:, None, None]).mean()
+    cos = (1 - F.cosine_similarity(velocity, target, dim=1)).mean()
+    repa = (1 - F.cosine_similarity(dino.flatten(2).transpose(1, 2), projection.float(), dim=-1)).mean()
+    return {"loss": mse + cos + repa_weight * repa}
+
+
+def make_loss_fn(model, semantic_channels: int):
+    if sfd_training_loss is not None:
+        cfg = LossConfig(semantic_channels=semantic_channels)
+        return lambda x1, y, dino: sfd_training_loss(model, x1, y, dino, cfg)["loss"]
+    return lambda x1, y, dino: local_sfd_loss(model, x1, y, dino, semantic_channels=semantic_channels)["loss"]
+
+
+def bench_train(args, cfg: dict, device: torch.device, variant: str, batch: int, flops_per_image: float,
+                ceiling: float) -> dict:
+    reset_memory(device)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(args.model, **args.overrides).to(device).train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema_params = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
+                                  fused=device.type == "cuda")
+    loss_fn = make_loss_fn(model, cfg["semantic_channels"])
+    if COMPILE_MODES[variant]:
+        loss_fn = torch.compile(loss_fn, mode=COMPILE_MODES[variant], dynamic=False)
+    x1 = torch.randn(batch, cfg["in_channels"], cfg["input_size"], cfg["input_size"], device=device)
+    y = torch.randint(0, cfg["num_classes"], (batch,), device=device)
+    dino = torch.randn(batch, cfg["repa_out_dim"], cfg["input_size"] // cfg["patch_size"],
+                       cfg["input_size"] // cfg["patch_size"], device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def step():
+        with autocast:
+            loss = loss_fn(x1, y, dino)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(ema_params, params, 1.0 - EMA_DECAY)   # ema += (1 - decay) * (param - ema)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        loss = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    with Timer(device) as timer:
+        for _ in range(args.steps):
+            loss = step()
+    step_s = timer.seconds / args.steps
+    img_per_s = batch / step_s
+    result = {"kind": "train", "variant": variant, "batch": batch, "step_ms": 1e3 * step_s, "img_per_s": img_per_s,
+              "tflops": 3 * flops_per_image * img_per_s / 1e12, "mfu": 3 * flops_per_image * img_per_s / ceiling,
+              "peak_mem_gib": peak_memory_gib(device), "warmup_s": warmup_s, "loss": float(loss.detach())}
+    del model, ema, optimizer, params, ema_params, loss_fn
+    return result
+
+
+# ------------------------------------------------------------------------------------------ sampler forward
+def bench_sampler(args, cfg: dict, device: torch.device, variant: str, precision: str, flops_per_image: float,
+                  ceiling: float) -> dict:
+    reset_memory(device)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(args.model, **args.overrides).to(device).eval()
+    forward = torch.compile(model, mode=COMPILE_MODES[variant], dynamic=False) if COMPILE_MODES[variant] else model
+    batch = args.sampler_batch
+    x = torch.randn(batch, cfg["in_channels"], cfg["input_size"], cfg["input_size"], device=device)
+    t = (torch.rand(batch, device=device), torch.rand(batch, device=device))
+    y = torch.randint(0, cfg["num_classes"], (batch,), device=device)
+    # fp32 = what the official sampler runs (TF32 matmuls allowed on GPU); bf16 = autocast.
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "fp32"
+    try:
+        with torch.no_grad(), ctx:
+            for _ in range(args.warmup):
+                forward(x, t, y)
+            with Timer(device) as timer:
+                for _ in range(args.steps):
+                    forward(x, t, y)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+    img_per_s = batch * args.steps / timer.seconds
+    result = {"kind": "sampler", "variant": variant, "precision": precision, "batch": batch,
+              "step_ms": 1e3 * timer.seconds / args.steps, "img_per_s": img_per_s,
+              "tflops": flops_per_image * img_per_s / 1e12, "mfu": flops_per_image * img_per_s / ceiling,
+              "peak_mem_gib": peak_memory_gib(device)}
+    del model, forward
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def markdown(results: list[dict]) -> str:
+    lines = ["| run | variant | precision | batch | ms/step | img/s | TFLOP/s | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['kind']} | {r['variant']} | {r.get('precision', 'bf16')} | {r['batch']} | "
+                         f"error: {r['error'][:60]} | | | | |")
+            continue
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        lines.append(f"| {r['kind']} | {r['variant']} | {r.get('precision', 'bf16 autocast')} | {r['batch']} | "
+                     f"{r['step_ms']:.1f} | {r['img_per_s']:.1f} | {r['tflops']:.3g} | {r['mfu']:.3f} | {mem} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="LightningDiT-XL/1")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", default="32,128", help="per-GPU training batches, comma-separated")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 cuda, 1 cpu)")
+    parser.add_argument("--variants", default=None,
+                        help="comma list of eager,compile,max-autotune (default: all on cuda, eager on cpu)")
+    parser.add_argument("--sampler-variants", default=None, help="default: eager,compile on cuda, eager on cpu")
+    parser.add_argument("--sampler-batch", type=int, default=256)
+    parser.add_argument("--ceiling-size", type=int, default=None, help="matmul size (default 8192 cuda, 1024 cpu)")
+    parser.add_argument("--ceiling-reps", type=int, default=20)
+    parser.add_argument("--set", action="append", default=[], metavar="ARG=VALUE",
+                        help="model constructor override, e.g. --set input_size=8 (repeatable)")
+    parser.add_argument("--json", default=None, help="output JSON path (default $OUT/train_step.json)")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    args.variants = (args.variants or ("eager,compile,max-autotune" if cuda else "eager")).split(",")
+    args.sampler_variants = (args.sampler_variants or ("eager,compile" if cuda else "eager")).split(",")
+    for v in args.variants + args.sampler_variants:
+        if v and v not in COMPILE_MODES:
+            parser.error(f"unknown variant {v!r}; choose from {sorted(COMPILE_MODES)}")
+    args.ceiling_size = args.ceiling_size or (8192 if cuda else 1024)
+    args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cfg = model_config(args.model, **args.overrides)
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = True
+    train_fwd = forward_flops_per_image(cfg, with_repa=True)
+    sample_fwd = forward_flops_per_image(cfg, with_repa=False)
+
+    def make_batch(batch):
+        size = cfg["input_size"]
+        return (torch.randn(batch, cfg["in_channels"], size, size, device=device),
+                (torch.rand(batch, device=device), torch.rand(batch, device=device)),
+                torch.randint(0, cfg["num_classes"], (batch,), device=device), None)
+
+    torch.manual_seed(0)
+    counter_model = build_model(args.model, **args.overrides).to(device)
+    counted_fwd, counted_total = counted_flops_per_image(counter_model, make_batch, device)
+    del counter_model
+    flops = {"analytic_forward_gflops": train_fwd / 1e9, "analytic_train_gflops": 3 * train_fwd / 1e9,
+             "analytic_sampler_forward_gflops": sample_fwd / 1e9,
+             "counted_forward_gflops": counted_fwd / 1e9, "counted_train_gflops": counted_total / 1e9,
+             "forward_ratio_counted_over_analytic": counted_fwd / train_fwd,
+             "train_ratio_counted_over_analytic": counted_total / (3 * train_fwd)}
+    log(f"FLOPs/image: analytic fwd {train_fwd / 1e9:.2f} G (x3 = {3 * train_fwd / 1e9:.2f} G), "
+        f"FlopCounterMode fwd {counted_fwd / 1e9:.2f} G, fwd+bwd {counted_total / 1e9:.2f} G")
+
+    ceiling = matmul_ceiling(device, args.ceiling_size, args.ceiling_reps)
+    log(f"bf16 matmul ceiling ({args.ceiling_size}^3, median of {args.ceiling_reps}): {ceiling / 1e12:.1f} TFLOP/s")
+
+    results = []
+    for variant in args.variants:
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            log(f"train step: {variant}, batch {batch}")
+            try:
+                results.append(bench_train(args, cfg, device, variant, batch, train_fwd, ceiling))
+            except torch.OutOfMemoryError as exc:   # report and continue with the other configurations
+                results.append({"kind": "train", "variant": variant, "batch": batch, "error": f"OOM: {exc}"[:300]})
+            log(json.dumps(results[-1]))
+    for variant in args.sampler_variants:
+        for precision in ("bf16", "fp32"):
+            log(f"sampler forward: {variant}, {precision}, batch {args.sampler_batch}")
+            try:
+                results.append(bench_sampler(args, cfg, device, variant, precision, sample_fwd, ceiling))
+            except torch.OutOfMemoryError as exc:
+                results.append({"kind": "sampler", "variant": variant, "precision": precision,
+                                "batch": args.sampler_batch, "error": f"OOM: {exc}"[:300]})
+            log(json.dumps(results[-1]))
+
+    report = {"model": args.model, "model_config": cfg, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+              "torch": torch.__version__, "loss": "sfd_core.transport" if sfd_training_loss else "local",
+              "matmul_ceiling_tflops": ceiling / 1e12, "ceiling_size": args.ceiling_size, "flops": flops,
+              "steps": args.steps, "warmup": args.warmup, "results": results}
+    print(f"\n### {args.model} on {report['device_name'] or device}: bf16 ceiling {ceiling / 1e12:.1f} TFLOP/s, "
+          f"train {3 * train_fwd / 1e9:.1f} GFLOP/img (counted {counted_total / 1e9:.1f}), "
+          f"sampler fwd {sample_fwd / 1e9:.1f} GFLOP/img\n")
+    print(markdown(results))
+    out_path = args.json or (os.path.join(os.environ["OUT"], "train_step.json") if os.environ.get("OUT") else None)
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(report, indent=2))
+        log(f"wrote {out_path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
