@@ -1,0 +1,110 @@
+"""Asset checks computed from a stage manifest (its stats and counts), never by re-reading the artifacts.
+
+Every stage asset declares the same four checks; ``fid_report`` adds ``fid_finite``. They are evaluated in the
+asset's own step (no extra process per check) right after the manifest is known.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import dagster as dg
+
+from storage import fs
+
+STATS_FINITE = "stats_finite"
+EXPECTED_COUNTS = "expected_counts"
+STATS_IN_RANGE = "stats_in_range"
+ARTIFACTS_EXIST = "artifacts_exist"
+FID_FINITE = "fid_finite"
+FID_METRIC = "fid"
+# Loose sanity bounds: a latent/feature mean beyond this or a collapsed std means a broken encoder or scaling.
+MAX_ABS_MEAN = 1e4
+STD_RANGE = (1e-6, 1e4)
+
+
+def check_specs(asset: str) -> list[dg.AssetCheckSpec]:
+    specs = [
+        dg.AssetCheckSpec(STATS_FINITE, asset=asset, blocking=True,
+                          description="no NaN/Inf anywhere in the manifest's stats and metrics"),
+        dg.AssetCheckSpec(EXPECTED_COUNTS, asset=asset, blocking=True,
+                          description="counts are positive and equal the profile's 'expect' entries"),
+        dg.AssetCheckSpec(STATS_IN_RANGE, asset=asset,
+                          description=f"every *mean* stat within +-{MAX_ABS_MEAN:g}, every *std* stat in "
+                                      f"{STD_RANGE}"),
+        dg.AssetCheckSpec(ARTIFACTS_EXIST, asset=asset, blocking=True,
+                          description="every artifact the manifest names (shards, arrays, checkpoints) exists"),
+    ]
+    if asset.endswith("fid_report") or asset == "checkpoint_fid":
+        specs.append(dg.AssetCheckSpec(FID_FINITE, asset=asset, description="FID was computed and is finite"))
+    return specs
+
+
+def _numbers(value: Any, prefix: str) -> Iterator[tuple[str, float]]:
+    """(dotted key, number) for every number nested in dicts/lists."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield prefix, float(value)
+    elif isinstance(value, str) and value.lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
+        yield prefix, float(value)  # JSON has no NaN: writers may spell it as a string
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{prefix}[{i}]")
+
+
+def _finite(manifest: dict[str, Any]) -> tuple[bool, str]:
+    bad = [key for key, x in _numbers({"stats": manifest.get("stats"), "metrics": manifest.get("metrics")}, "")
+           if not math.isfinite(x)]
+    return (not bad, f"non-finite: {bad[:10]}" if bad else "all stats and metrics are finite")
+
+
+def _counts(manifest: dict[str, Any], expected: dict[str, Any]) -> tuple[bool, str]:
+    counts = manifest.get("counts") or {}
+    problems = [f"{k}={counts.get(k)!r}, expected {v!r}" for k, v in expected.items() if counts.get(k) != v]
+    problems += [f"{k}={v!r} is not positive" for k, v in counts.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0]
+    if not counts:
+        problems.append("the manifest has no counts")
+    return (not problems, "; ".join(problems) if problems else f"counts {counts} as expected")
+
+
+def _in_range(manifest: dict[str, Any]) -> tuple[bool, str]:
+    problems = []
+    for key, x in _numbers(manifest.get("stats") or {}, ""):
+        leaf = key.rsplit(".", 1)[-1].split("[")[0].lower()
+        if "mean" in leaf and not abs(x) <= MAX_ABS_MEAN:
+            problems.append(f"{key}={x:g}")
+        if "std" in leaf and not STD_RANGE[0] <= x <= STD_RANGE[1]:
+            problems.append(f"{key}={x:g}")
+    return (not problems, f"out of range: {problems[:10]}" if problems else "stats within sanity bounds")
+
+
+def _artifacts(manifest: dict[str, Any]) -> tuple[bool, str]:
+    artifacts = manifest.get("artifacts") or {}
+    missing = [name for name, url in artifacts.items() if not fs.exists(str(url))]
+    return (not missing, f"missing: {missing}" if missing else f"{len(artifacts)} artifact(s) present")
+
+
+def _fid(manifest: dict[str, Any]) -> tuple[bool, str]:
+    value = (manifest.get("metrics") or {}).get(FID_METRIC)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return ok, f"FID = {value!r}"
+
+
+def evaluate(asset: str, manifest: dict[str, Any], expected_counts: dict[str, Any]) -> list[dg.AssetCheckResult]:
+    """The results of ``check_specs(asset)`` for one manifest."""
+    outcomes = {
+        STATS_FINITE: _finite(manifest),
+        EXPECTED_COUNTS: _counts(manifest, expected_counts),
+        STATS_IN_RANGE: _in_range(manifest),
+        ARTIFACTS_EXIST: _artifacts(manifest),
+    }
+    if any(spec.name == FID_FINITE for spec in check_specs(asset)):
+        outcomes[FID_FINITE] = _fid(manifest)
+    return [dg.AssetCheckResult(asset_key=asset, check_name=name, passed=passed,
+                                metadata={"detail": dg.MetadataValue.text(detail)})
+            for name, (passed, detail) in outcomes.items()]
