@@ -101,6 +101,6 @@ def encode_image(image: Image.Image, image_format: str = "jpg", jpeg_quality: in
 
 
 def load_rgb_array(data: bytes) -> np.ndarray:
-    """Stored shard image bytes -> HxWx3 uint8 (the decode used at extraction time)."""
+    """Stored shard image bytes -> HxWx3 uint8, writable (torch.from_numpy warns on read-only arrays)."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))
