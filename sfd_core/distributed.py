@@ -134,6 +134,10 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+class TrainingInterrupted(RuntimeError):
+    """A stop signal arrived; a checkpoint was written and the run can be resumed."""
+
+
 class StopOnSignal:
     """While active, SIGTERM/SIGINT only raise a flag, so a training loop can checkpoint and exit cleanly
     (torchrun and Dagster forward these signals to every rank). ``requested()`` agrees across ranks."""

@@ -145,6 +145,13 @@ def _steps_per_epoch(plan: ShufflePlan, epoch: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- reading
 
+def tokens_from_grid(features: np.ndarray) -> torch.Tensor:
+    """[B, D, h, w] (any float dtype) -> float32 tokens [B, h*w, D] (row-major h*w, as DINOv2 emits them)."""
+    batch, dim = features.shape[:2]
+    return torch.from_numpy(np.ascontiguousarray(
+        features.reshape(batch, dim, -1).transpose(0, 2, 1), dtype=np.float32))
+
+
 def pick_flipped(plain: np.ndarray, flipped: np.ndarray, index: np.ndarray, flip: np.ndarray) -> np.ndarray:
     """Rows ``index`` of ``plain``, taken from ``flipped`` where ``flip`` is true."""
     out = plain[index]

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sfd_core import distributed as dist_utils
 from sfd_core.config import ConfigError, load_config
+from sfd_core.distributed import TrainingInterrupted
 from sfd_core.latent_data import (FEATURES_STORE, LATENTS_STORE, LatentSources, SFDLatentDataset,
                                   StreamBatches, array_url, channel_stats, sfd_plan, streams_of_rank)
 from sfd_core.models import build_model, model_config
@@ -110,10 +111,6 @@ class Config:
     loader_workers: int = 4          # DataLoader workers per rank
     shuffle_window: int = 512        # samples shuffled together (whole chunks)
     peak_tflops: float = 0.0         # accelerator bf16 peak for MFU (0: look up the device name)
-
-
-class TrainingInterrupted(RuntimeError):
-    """A stop signal arrived; a checkpoint was written and the run can be resumed."""
 
 
 def resolve_config(cfg: Config) -> Config:

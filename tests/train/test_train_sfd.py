@@ -19,7 +19,8 @@ from conftest import make_dino_stage, make_semantic_stage, make_texture_stage
 from sfd_core import reporting
 from sfd_core.config import ConfigError
 from sfd_core.models import build_model, model_config
-from sfd_core.train_sfd import Config, TrainingInterrupted, main, resolve_config, run, train_flops_per_image
+from sfd_core.distributed import TrainingInterrupted
+from sfd_core.train_sfd import Config, main, resolve_config, run, train_flops_per_image
 from sfd_core.train_state import EMA_FILE, MODEL_FILE, complete_steps, read_weights
 from storage import fs
 
