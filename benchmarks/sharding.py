@@ -14,7 +14,6 @@ Prints a Markdown table; writes JSON to $OUT/sharding.json when OUT is set (or t
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

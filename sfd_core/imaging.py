@@ -30,8 +30,9 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own bomb threshold (~89.5 M
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
-    """ADM's crop (guided-diffusion ``image_datasets.py``), bit for bit: BOX-halve while the short side is at least
-    twice the target, BICUBIC-resize the short side to ``image_size`` (sizes rounded), center crop with floor offsets."""
+    """ADM's crop (guided-diffusion ``image_datasets.py``), bit for bit: BOX-halve while the short side is at
+    least twice the target, BICUBIC-resize the short side to ``image_size`` (sizes rounded), center crop with
+    floor offsets."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -59,11 +60,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # alpha is dropped, as torchvision's pil_loader does
 
 
-def decode_image(data: bytes, name: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image | None, str | None]:
+def decode_image(data: bytes, name: str = "", max_pixels: int = DEFAULT_MAX_PIXELS
+                 ) -> tuple[Image.Image | None, str | None]:
     """Bytes of any PIL-readable image -> (RGB image, None), or (None, reason) when it cannot be used.
 
-    ``name`` is only for messages. The RGB image's ``info`` holds ``source_mode`` and ``source_format``.
-    Images with more than ``max_pixels`` pixels are refused before their pixels are decoded.
+    ``name`` (the file name) is deliberately not used to pick the format: the bytes decide. The RGB image's
+    ``info`` holds ``source_mode`` and ``source_format``. Images with more than ``max_pixels`` pixels are
+    refused before their pixels are decoded.
     """
     if not data:
         return None, SKIP_EMPTY
