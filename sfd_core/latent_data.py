@@ -9,28 +9,33 @@ Reading single samples from Zarr costs a chunk decode each, so every read here i
    read by exactly one rank, and because the stream count (not the world size) fixes who sees what, the data
    of every global step is the same on 1 or N processes.
 3. Windows: a stream reads ``window_blocks`` blocks at a time, shuffles their samples together with a
-   ``(seed, epoch, stream, window)`` generator (which also draws the per-sample flip choice) and cuts
-   micro-batches; samples left over at the end of a window are dropped. Every stream yields the same number
+   ``(seed, epoch, stream, window)`` generator (which also draws the per-sample image/flip choice, applied as
+   each block is read, so a window keeps one variant per sample) and cuts micro-batches; samples left over at
+   the end of a window are dropped. Every stream yields the same number
    of micro-batches per epoch (the minimum over streams), so ranks stay in lockstep.
 
 Positions are ``(epoch, batches done in that epoch)``: resuming skips whole windows without reading them.
 DataLoader workers take whole windows in turn (window i -> worker i mod workers) and the loader returns them
 in order, so the batch sequence does not depend on the number of workers. Arrays are opened lazily in each
 process (``worker_init``), never inherited through fork.
+
+A micro-batch mixes only the samples of one window, so the window must span many chunks when rows are stored
+in class order (ImageFolder order: a 256-row chunk is about one class): the trainers default to 4096 samples.
 """
 from __future__ import annotations
 
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from storage import fs
-from storage.arrays import open_array
+from storage.arrays import open_array, read_rows
 
 # Stage output layouts this module reads (see docs/internals.md).
 FEATURES_STORE = "features.zarr"   # texture_latents: texture, texture_flip, labels; dinov2_features: dino, dino_flip
@@ -152,50 +157,72 @@ def tokens_from_grid(features: np.ndarray) -> torch.Tensor:
         features.reshape(batch, dim, -1).transpose(0, 2, 1), dtype=np.float32))
 
 
-def pick_flipped(plain: np.ndarray, flipped: np.ndarray, index: np.ndarray, flip: np.ndarray) -> np.ndarray:
-    """Rows ``index`` of ``plain``, taken from ``flipped`` where ``flip`` is true."""
-    out = plain[index]
-    out[flip] = flipped[index[flip]]
-    return out
-
-
 class WindowedArrays(IterableDataset):
-    """One stream over Zarr arrays; yields, per window, the list of its micro-batches.
+    """One stream over pairs of Zarr arrays (image, flip); yields one compact window at a time.
 
-    ``arrays``: name -> URL of [N, ...] arrays read by whole blocks; ``whole``: name -> URL of small arrays
-    (labels) read once. Subclasses turn window rows into a batch in ``make_batch``."""
+    ``pairs``: name -> (URL of the image array, URL of the flip array), [N, ...] each, read by whole blocks with
+    the flip choice applied as each block arrives (so a window holds one variant per sample); ``whole``:
+    name -> URL of small arrays (labels) read once. A yielded window is ``{"fields": {name: tensor}, "batches":
+    k}`` whose tensors hold exactly ``k`` micro-batches, in order. Subclasses shape the window on the worker
+    side (``prepare_window``) and each micro-batch on the consumer side (``finalize_batch``)."""
 
-    def __init__(self, arrays: Mapping[str, str], plan: ShufflePlan, stream: int,
+    READ_THREADS = 4  # blocks fetched concurrently (hides object-store latency)
+
+    def __init__(self, pairs: Mapping[str, tuple[str, str]], plan: ShufflePlan, stream: int,
                  whole: Mapping[str, str] | None = None):
         super().__init__()
-        self.array_urls = dict(arrays)
+        self.pair_urls = {name: tuple(urls) for name, urls in pairs.items()}
         self.whole_urls = dict(whole or {})
         self.plan = plan
         self.stream = stream
         self.epoch = 0
         self.first_batch = 0
-        self._arrays: dict[str, Any] | None = None
-        self._whole: dict[str, np.ndarray] | None = None
+        self._pairs: dict[str, tuple[Any, Any]] | None = None
+        self._whole: dict[str, np.ndarray] = {}
 
     def set_position(self, epoch: int, first_batch: int) -> None:
         self.epoch, self.first_batch = int(epoch), int(first_batch)
 
     def open(self) -> None:
         """(Re)open the arrays in the calling process."""
-        self._arrays = {name: open_array(url) for name, url in self.array_urls.items()}
+        self._pairs = {name: (open_array(plain), open_array(flipped))
+                       for name, (plain, flipped) in self.pair_urls.items()}
         self._whole = {name: np.asarray(fs.retrying(open_array(url).__getitem__, slice(None)))
                        for name, url in self.whole_urls.items()}
 
-    def read_window(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        if self._arrays is None:
+    def read_window(self, blocks: np.ndarray, flip_of_row: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows of ``blocks`` (ascending row order), each from the image or the flip array as
+        ``flip_of_row[position in that order]`` says."""
+        if self._pairs is None:
             self.open()
-        # One orthogonal selection per array: zarr fetches and decodes each touched chunk once, concurrently.
-        return {name: np.asarray(fs.retrying(arr.get_orthogonal_selection, (rows,)))
-                for name, arr in self._arrays.items()}
+        ranges = [(int(r[0]), int(r[-1]) + 1) for r in (self.plan.block_rows(int(b)) for b in np.sort(blocks))]
+        offsets = np.cumsum([0] + [stop - start for start, stop in ranges])
 
-    def make_batch(self, window: dict[str, np.ndarray], whole: dict[str, np.ndarray], rows: np.ndarray,
-                   index: np.ndarray, flip: np.ndarray) -> tuple:
-        """Batch from window-local positions ``index`` (rows ``rows[index]``) and their flip choices."""
+        def read(task: tuple[str, int]) -> tuple[str, int, np.ndarray]:
+            name, i = task
+            plain_array, flip_array = self._pairs[name]
+            start, stop = ranges[i]
+            plain = np.asarray(read_rows(plain_array, start, stop))
+            flips = np.asarray(flip_of_row[offsets[i]:offsets[i + 1]])
+            if flips.any():
+                plain[flips] = np.asarray(read_rows(flip_array, start, stop))[flips]
+            return name, i, plain
+
+        out: dict[str, list[np.ndarray | None]] = {name: [None] * len(ranges) for name in self._pairs}
+        tasks = [(name, i) for name in self._pairs for i in range(len(ranges))]
+        with ThreadPoolExecutor(max_workers=min(self.READ_THREADS, len(tasks))) as pool:
+            for name, i, values in pool.map(read, tasks):
+                out[name][i] = values
+        return {name: np.concatenate(parts) for name, parts in out.items()}
+
+    def prepare_window(self, picked: dict[str, np.ndarray], rows: np.ndarray, flips: np.ndarray
+                       ) -> dict[str, torch.Tensor]:
+        """Worker side: the window's samples (already in batch order, ``rows`` and ``flips`` alongside) as
+        tensors. Default: the picked arrays as they are."""
+        return {name: torch.from_numpy(values) for name, values in picked.items()}
+
+    def finalize_batch(self, fields: dict[str, torch.Tensor]) -> tuple:
+        """Consumer side: one micro-batch's slice of the window fields -> the batch tuple."""
         raise NotImplementedError
 
     def _windows_from_position(self) -> Iterator[tuple[int, np.ndarray, int, int]]:
@@ -212,7 +239,7 @@ class WindowedArrays(IterableDataset):
                 yield w, blocks, max(0, self.first_batch - done), end
             done += end
 
-    def __iter__(self) -> Iterator[list[tuple]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         batch = self.plan.batch_size
@@ -221,13 +248,16 @@ class WindowedArrays(IterableDataset):
                 continue
             rows = self.plan.window_rows(blocks)
             rng = self.plan.window_rng(self.epoch, self.stream, w)
-            order = rng.permutation(len(rows))
-            flips = rng.random(len(rows)) < 0.5
-            window = self.read_window(rows)
-            if self._whole is None:
-                self.open()
-            yield [self.make_batch(window, self._whole, rows, order[j * batch:(j + 1) * batch],
-                                   flips[j * batch:(j + 1) * batch]) for j in range(first, end)]
+            order = rng.permutation(len(rows))  # sample p of the window is rows[order[p]] ...
+            flips = rng.random(len(rows)) < 0.5  # ... taken from the flip arrays when flips[p]
+            flip_of_row = np.empty(len(rows), dtype=bool)
+            flip_of_row[order] = flips
+            picked = self.read_window(blocks, flip_of_row)
+            used = slice(first * batch, end * batch)
+            take = order[used]
+            fields = self.prepare_window({name: values[take] for name, values in picked.items()}, rows[take],
+                                         flips[used])
+            yield {"fields": fields, "batches": end - first}
 
 
 def worker_init(_: int) -> None:
@@ -244,13 +274,12 @@ class StreamBatches:
     returned so far."""
 
     def __init__(self, datasets: Sequence[WindowedArrays], num_workers: int = 0, epoch: int = 0,
-                 position: int = 0, pin_memory: bool = False):
+                 position: int = 0):
         if not datasets:
             raise ValueError("StreamBatches needs at least one stream dataset")
         self.datasets = list(datasets)
         self.plan = self.datasets[0].plan
         self.workers_per_stream = num_workers // len(self.datasets) if num_workers > 0 else 0
-        self.pin_memory = pin_memory
         self.epoch, self.position = int(epoch), int(position)
         if self.position >= self.plan.steps_per_epoch(self.epoch):
             self.epoch, self.position = self.epoch + 1, 0
@@ -263,13 +292,14 @@ class StreamBatches:
         dataset.set_position(self.epoch, self.position)
         if self.workers_per_stream == 0:
             dataset.open()
-            for window in dataset:
-                yield from window
-            return
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.workers_per_stream,
-                            worker_init_fn=worker_init, prefetch_factor=1, pin_memory=self.pin_memory)
-        for window in loader:
-            yield from window
+            windows: Iterable[dict[str, Any]] = dataset
+        else:
+            windows = DataLoader(dataset, batch_size=None, num_workers=self.workers_per_stream,
+                                 worker_init_fn=worker_init, prefetch_factor=1)
+        size = self.plan.batch_size
+        for window in windows:
+            for j in range(window["batches"]):
+                yield dataset.finalize_batch({k: v[j * size:(j + 1) * size] for k, v in window["fields"].items()})
 
     def __iter__(self) -> "StreamBatches":
         return self
@@ -303,16 +333,13 @@ class LatentSources:
     semantic_stats: Mapping[str, Sequence[float]]
     latent_multiplier: float = 1.0
 
-    def arrays(self) -> dict[str, str]:
-        urls = {}
-        for name in ("texture", "texture" + FLIP_SUFFIX):
-            urls[name] = array_url(self.texture_url, FEATURES_STORE, name)
-        for name in ("semantic", "semantic" + FLIP_SUFFIX):
-            urls[name] = array_url(self.semantic_url, LATENTS_STORE, name)
+    def pairs(self) -> dict[str, tuple[str, str]]:
+        """name -> (image array URL, flip array URL)."""
+        stores = [("texture", self.texture_url, FEATURES_STORE), ("semantic", self.semantic_url, LATENTS_STORE)]
         if self.dino_url:
-            for name in ("dino", "dino" + FLIP_SUFFIX):
-                urls[name] = array_url(self.dino_url, FEATURES_STORE, name)
-        return urls
+            stores.append(("dino", self.dino_url, FEATURES_STORE))
+        return {name: (array_url(url, store, name), array_url(url, store, name + FLIP_SUFFIX))
+                for name, url, store in stores}
 
     def labels_url(self) -> str:
         return array_url(self.texture_url, FEATURES_STORE, "labels")
@@ -323,33 +350,36 @@ class SFDLatentDataset(WindowedArrays):
 
     Per sample the image or its flip is chosen with p = 1/2 (the same choice for every array); texture and
     semantic latents are normalised with their stats, concatenated [texture | semantic] and multiplied by
-    ``latent_multiplier``. REPA features are not normalised (SPEC §3)."""
+    ``latent_multiplier``. REPA features are not normalised (SPEC §3); they stay in their stored dtype (fp16)
+    inside a window and become float32 per batch."""
 
     def __init__(self, sources: LatentSources, plan: ShufflePlan, stream: int):
-        super().__init__(sources.arrays(), plan, stream, whole={"labels": sources.labels_url()})
+        super().__init__(sources.pairs(), plan, stream, whole={"labels": sources.labels_url()})
         self.sources = sources
         self.tex_mean, self.tex_std = stats_arrays(sources.texture_stats)
         self.sem_mean, self.sem_std = stats_arrays(sources.semantic_stats)
 
-    def make_batch(self, window, whole, rows, index, flip):
-        tex = pick_flipped(window["texture"], window["texture_flip"], index, flip).astype(np.float32)
-        sem = pick_flipped(window["semantic"], window["semantic_flip"], index, flip).astype(np.float32)
-        x = np.concatenate([(tex - self.tex_mean) / self.tex_std, (sem - self.sem_mean) / self.sem_std], axis=1)
+    def prepare_window(self, picked, rows, flips):
+        tex = (picked["texture"].astype(np.float32) - self.tex_mean) / self.tex_std
+        sem = (picked["semantic"].astype(np.float32) - self.sem_mean) / self.sem_std
+        x = np.concatenate([tex, sem], axis=1)
         if self.sources.latent_multiplier != 1.0:
             x *= np.float32(self.sources.latent_multiplier)
-        labels = torch.from_numpy(whole["labels"][rows[index]].astype(np.int64))
-        dino = None
-        if "dino" in window:
-            dino = torch.from_numpy(pick_flipped(window["dino"], window["dino_flip"], index, flip)
-                                    .astype(np.float32))
-        return torch.from_numpy(x), labels, dino
+        fields = {"x": torch.from_numpy(x), "labels": torch.from_numpy(self._whole["labels"][rows].astype(np.int64))}
+        if "dino" in picked:
+            fields["dino"] = torch.from_numpy(picked["dino"])
+        return fields
+
+    def finalize_batch(self, fields):
+        dino = fields["dino"].float() if "dino" in fields else None
+        return fields["x"], fields["labels"], dino
 
 
 def sfd_plan(sources: LatentSources, batch_size: int, num_streams: int, seed: int,
-             shuffle_window: int = 512) -> ShufflePlan:
+             shuffle_window: int) -> ShufflePlan:
     """The shuffle plan over the SFD arrays: blocks of whole chunks of all of them, windows of about
     ``shuffle_window`` samples."""
-    arrays = {name: open_array(url) for name, url in sources.arrays().items()}
+    arrays = {url: open_array(url) for pair in sources.pairs().values() for url in pair}
     sizes = {name: int(a.shape[0]) for name, a in arrays.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"SFD training arrays disagree on the sample count: {sizes}")

@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from sfd_core import distributed as dist_utils
 from sfd_core.config import ConfigError, load_config
 from sfd_core.distributed import TrainingInterrupted
-from sfd_core.latent_data import (FEATURES_STORE, StreamBatches, WindowedArrays, array_url, pick_flipped,
-                                  plan_for_arrays, streams_of_rank, tokens_from_grid)
+from sfd_core.latent_data import (FEATURES_STORE, StreamBatches, WindowedArrays, array_url, plan_for_arrays,
+                                  streams_of_rank, tokens_from_grid)
 from sfd_core.reporting import log, metric
 from sfd_core.semvae import SemVAE, save_semvae, semvae_loss
 from sfd_core.train_state import (MODEL_FILE, LossCurve, MetricWindow, StreamGenerators, apply_retention,
@@ -77,7 +77,7 @@ class Config:
     precision: str = "bf16"          # autocast on CUDA; CPU runs fp32
     data_streams: int = 0            # 0: world size (see sfd_core.latent_data)
     loader_workers: int = 4
-    shuffle_window: int = 512
+    shuffle_window: int = 4096       # samples shuffled together (whole chunks; see sfd_core.latent_data)
 
 
 def check_config(cfg: Config) -> None:
@@ -113,11 +113,11 @@ class DinoTokenDataset(WindowedArrays):
     """Micro-batches ``(tokens [B, h*w, D] float32,)`` with the image or its flip chosen per sample."""
 
     def __init__(self, features_url: str, plan, stream: int):
-        super().__init__({"dino": array_url(features_url, FEATURES_STORE, "dino"),
-                          "dino_flip": array_url(features_url, FEATURES_STORE, "dino_flip")}, plan, stream)
+        super().__init__({"dino": (array_url(features_url, FEATURES_STORE, "dino"),
+                                   array_url(features_url, FEATURES_STORE, "dino_flip"))}, plan, stream)
 
-    def make_batch(self, window, whole, rows, index, flip):
-        return (tokens_from_grid(pick_flipped(window["dino"], window["dino_flip"], index, flip)),)
+    def finalize_batch(self, fields):
+        return (tokens_from_grid(fields["dino"].numpy()),)
 
 
 @torch.no_grad()
@@ -224,8 +224,7 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
         evals = list(state["evals"])
         log(f"train_semvae: resumed from {latest} (step {step})")
     batches = StreamBatches([DinoTokenDataset(cfg.features_url, plan, s) for s in local_streams],
-                            cfg.loader_workers, position["epoch"], position["position"],
-                            pin_memory=info.device.type == "cuda")
+                            cfg.loader_workers, position["epoch"], position["position"])
     log(f"train_semvae: SemVAE {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params), "
         f"{train_count} train / {eval_count} eval samples, batch {cfg.batch_size} = {num_streams} streams x "
         f"{plan.batch_size}, steps {step} -> {cfg.max_steps}")

@@ -109,7 +109,7 @@ class Config:
     compile: bool = False
     data_streams: int = 0            # micro-batches per global batch (0: world size); fixes the data order
     loader_workers: int = 4          # DataLoader workers per rank
-    shuffle_window: int = 512        # samples shuffled together (whole chunks)
+    shuffle_window: int = 4096       # samples shuffled together (whole chunks; see sfd_core.latent_data)
     peak_tflops: float = 0.0         # accelerator bf16 peak for MFU (0: look up the device name)
 
 
@@ -374,8 +374,7 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
         log(f"train_sfd: resumed from {latest} (step {step}, epoch {position['epoch']})")
 
     datasets = [SFDLatentDataset(data.sources, plan, s) for s in local_streams]
-    batches = StreamBatches(datasets, cfg.loader_workers, position["epoch"], position["position"],
-                            pin_memory=info.device.type == "cuda")
+    batches = StreamBatches(datasets, cfg.loader_workers, position["epoch"], position["position"])
     writer = _tensorboard_writer(cfg) if info.is_main else None
     flops = train_flops_per_image(model_kwargs)
     peak = peak_flops(info.device, cfg.peak_tflops)

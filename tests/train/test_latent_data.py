@@ -19,16 +19,23 @@ from storage.manifest import read_success
 class RowIds(WindowedArrays):
     """Batches of (row ids, flip choices, values) to observe the order."""
 
-    def make_batch(self, window, whole, rows, index, flip):
-        return torch.from_numpy(rows[index]), torch.from_numpy(flip), torch.from_numpy(window["values"][index])
+    def __init__(self, urls, plan, stream):
+        super().__init__({"values": urls}, plan, stream)
+
+    def prepare_window(self, picked, rows, flips):
+        return {"rows": torch.from_numpy(rows), "flips": torch.from_numpy(flips),
+                "values": torch.from_numpy(picked["values"])}
+
+    def finalize_batch(self, fields):
+        return fields["rows"], fields["flips"], fields["values"]
 
 
 @pytest.fixture
 def values_url(tmp_path):
     n = 100
-    values = np.arange(n, dtype=np.float32).reshape(n, 1)  # row r holds r
-    write_arrays(str(tmp_path), FEATURES_STORE, {"values": values}, chunk=8)
-    return array_url(str(tmp_path), FEATURES_STORE, "values")
+    values = np.arange(n, dtype=np.float32).reshape(n, 1)  # row r holds r, its flip -r - 1000
+    write_arrays(str(tmp_path), FEATURES_STORE, {"values": values, "values_flip": -values - 1000}, chunk=8)
+    return tuple(array_url(str(tmp_path), FEATURES_STORE, name) for name in ("values", "values_flip"))
 
 
 def plan(**changes) -> ShufflePlan:
@@ -36,13 +43,12 @@ def plan(**changes) -> ShufflePlan:
                                  seed=3), **changes})
 
 
-def epoch_rows(url: str, p: ShufflePlan, epoch: int) -> list[np.ndarray]:
+def epoch_rows(url: tuple[str, str], p: ShufflePlan, epoch: int) -> list[np.ndarray]:
     """Row ids of each stream's batches in ``epoch``."""
     out = []
     for stream in range(p.num_streams):
-        dataset = RowIds({"values": url}, p, stream)
-        dataset.set_position(epoch, 0)
-        out.append(np.stack([b[0].numpy() for window in dataset for b in window]))
+        batches = StreamBatches([RowIds(url, p, stream)], epoch=epoch)
+        out.append(np.stack([next(batches)[0][0].numpy() for _ in range(p.steps_per_epoch(epoch))]))
     return out
 
 
@@ -81,32 +87,40 @@ def _same(a, b) -> bool:
 def test_resume_workers_and_rank_split_give_the_same_batches(values_url):
     p = plan()
     steps = p.steps_per_epoch(0) + 5  # across an epoch boundary
-    both = StreamBatches([RowIds({"values": values_url}, p, s) for s in range(2)])
+    both = StreamBatches([RowIds(values_url, p, s) for s in range(2)])
     reference = _take(both, steps)
     assert both.state_dict()["epoch"] == 1
 
     # Resume from a saved position (mid-epoch) and continue.
-    head = StreamBatches([RowIds({"values": values_url}, p, s) for s in range(2)])
+    head = StreamBatches([RowIds(values_url, p, s) for s in range(2)])
     first = _take(head, 7)
-    resumed = StreamBatches([RowIds({"values": values_url}, p, s) for s in range(2)], **head.state_dict())
+    resumed = StreamBatches([RowIds(values_url, p, s) for s in range(2)], **head.state_dict())
     assert _same(first + _take(resumed, steps - 7), reference)
 
     # Two ranks (one stream each) see exactly the micro-batches one process sees.
     for rank in range(2):
-        alone = StreamBatches([RowIds({"values": values_url}, p, rank)])
+        alone = StreamBatches([RowIds(values_url, p, rank)])
         assert _same([[b[0]] for b in _take(alone, steps)], [[b[rank]] for b in reference])
 
     # DataLoader workers (windows round-robin) do not change the order.
-    workers = StreamBatches([RowIds({"values": values_url}, p, s) for s in range(2)], num_workers=4)
+    workers = StreamBatches([RowIds(values_url, p, s) for s in range(2)], num_workers=4)
     assert _same(_take(workers, steps), reference)
     workers.close()
-    # The values read are the rows named (whole-chunk reads land where they belong).
-    assert all(torch.equal(b[0].float(), b[2][:, 0]) for step in reference for b in step)
+    # The values read are those of the rows named, from the flip array exactly where the flip was drawn.
+    for step in reference:
+        for rows, flips, values in step:
+            assert torch.equal(torch.where(flips, -rows.float() - 1000, rows.float()), values[:, 0])
+    flips = torch.cat([b[1] for step in reference for b in step]).float()
+    assert 0.3 < flips.mean() < 0.7
 
 
 class SFDWithRows(SFDLatentDataset):
-    def make_batch(self, window, whole, rows, index, flip):
-        return (*super().make_batch(window, whole, rows, index, flip), rows[index], flip)
+    def prepare_window(self, picked, rows, flips):
+        return {**super().prepare_window(picked, rows, flips), "rows": torch.from_numpy(rows),
+                "flips": torch.from_numpy(flips)}
+
+    def finalize_batch(self, fields):
+        return (*super().finalize_batch(fields), fields["rows"].numpy(), fields["flips"].numpy())
 
 
 def test_sfd_batches_match_float64_reference(tmp_path):
@@ -116,26 +130,25 @@ def test_sfd_batches_match_float64_reference(tmp_path):
     sources = dataclasses.replace(sources, texture_stats=read_success(sources.texture_url)["stats"]["texture"],
                                   semantic_stats=read_success(sources.semantic_url)["stats"]["semantic"])
     p = sfd_plan(sources, batch_size=4, num_streams=1, seed=0, shuffle_window=16)
-    raw = {name: open_array(url)[:].astype(np.float64) for name, url in sources.arrays().items()}
+    raw = {name + suffix: open_array(url)[:].astype(np.float64)
+           for name, urls in sources.pairs().items() for suffix, url in zip(("", "_flip"), urls)}
     labels = open_array(sources.labels_url())[:]
     stats = {k: (np.asarray(s["mean"], np.float64).reshape(1, -1, 1, 1), np.asarray(s["std"], np.float64)
                  .reshape(1, -1, 1, 1)) for k, s in (("texture", sources.texture_stats),
                                                       ("semantic", sources.semantic_stats))}
-    dataset = SFDWithRows(sources, p, 0)
-    dataset.set_position(0, 0)
     flips = []
-    for window in dataset:
-        for x, y, dino, rows, flip in window:
-            suffix = np.where(flip, "_flip", "")
-            pick = lambda name: np.stack([raw[name + s][r] for r, s in zip(rows, suffix)])  # noqa: E731
-            expected = 0.5 * np.concatenate(
-                [(pick("texture") - stats["texture"][0]) / stats["texture"][1],
-                 (pick("semantic") - stats["semantic"][0]) / stats["semantic"][1]], axis=1)
-            assert x.dtype == torch.float32 and dino.dtype == torch.float32
-            np.testing.assert_allclose(x.numpy(), expected, rtol=1e-6, atol=1e-6)
-            np.testing.assert_array_equal(dino.numpy(), pick("dino"))
-            np.testing.assert_array_equal(y.numpy(), labels[rows])
-            flips.extend(flip)
+    batches = StreamBatches([SFDWithRows(sources, p, 0)])
+    for _ in range(p.steps_per_epoch(0)):
+        [(x, y, dino, rows, flip)] = next(batches)
+        suffix = np.where(flip, "_flip", "")
+        pick = lambda name: np.stack([raw[name + s][r] for r, s in zip(rows, suffix)])  # noqa: E731
+        expected = 0.5 * np.concatenate([(pick("texture") - stats["texture"][0]) / stats["texture"][1],
+                                         (pick("semantic") - stats["semantic"][0]) / stats["semantic"][1]], axis=1)
+        assert x.dtype == torch.float32 and dino.dtype == torch.float32
+        np.testing.assert_allclose(x.numpy(), expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(dino.numpy(), pick("dino"))
+        np.testing.assert_array_equal(y.numpy(), labels[rows])
+        flips.extend(flip)
     assert 0 < np.mean(flips) < 1  # both the image and its flip are used
     assert p.block_size == 8 and raw["texture"].shape[1] + raw["semantic"].shape[1] == x.shape[1]
-    assert FEATURES_STORE in sources.labels_url() and LATENTS_STORE in sources.arrays()["semantic"]
+    assert FEATURES_STORE in sources.labels_url() and LATENTS_STORE in sources.pairs()["semantic"][1]
