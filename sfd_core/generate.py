@@ -467,8 +467,9 @@ def write_manifest(cfg: Config, main: ModelSource, guidance: ModelSource | None,
             "generated_this_run": generated_now,
             "seconds_this_run": seconds_now,
         },
-        "artifacts": {"samples": fs.join(cfg.out_url, SAMPLES_DIR), **artifacts},
-        "shards": [i["url"] for i in infos],
+        # "shards" is a list, as in the imagenet_shards manifest, so readers of shard sets handle both alike.
+        "artifacts": {"samples": fs.join(cfg.out_url, SAMPLES_DIR), "shards": [i["url"] for i in infos],
+                      **artifacts},
         "standins": bool(cfg.standins or main.standins or (guidance is not None and guidance.standins)),
     }
     log(f"generate: {images} samples, {per_process:.2f} img/s per process, npz {artifacts['npz']}")

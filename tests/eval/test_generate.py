@@ -82,7 +82,7 @@ def test_npz_shards_and_manifest_layout(single_rank_run):
     assert images.dtype == np.uint8 and images.shape == (NUM_SAMPLES, 64, 64, 3)
     expected_labels = labels_for_indices(torch.arange(NUM_SAMPLES), 10, 2, 0).tolist()
     seen = []
-    for url in manifest["shards"]:
+    for url in manifest["artifacts"]["shards"]:
         for sample in iter_shard(url):
             index = int(sample["__key__"])
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")), images[index])
