@@ -80,26 +80,31 @@ def step_of(url: str) -> int:
 # --------------------------------------------------------------------------------------------- writing
 
 def commit_file(url: str, write_local: Callable[[str], None]) -> None:
-    """Make the file at ``url`` with ``write_local(path)``, a writer of local files (which must itself be
-    atomic, as ``save_weights`` is): directly for local URLs, else to a temp file then one atomic upload
-    through storage (which knows the endpoint settings)."""
+    """Make the file at ``url`` atomically with ``write_local(path)``, any writer of local files: it writes a
+    temp file that is then renamed into place (local URLs) or uploaded in one piece (remote URLs, through
+    storage, which knows the endpoint settings). Large state is streamed to disk, never held as bytes."""
     if fs.is_local(url):
-        write_local(fs.filesystem(url)[1])
+        path = fs.filesystem(url)[1]
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", dir=directory)
+        os.close(fd)
+        try:
+            write_local(tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, fs.basename(url))
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        local = os.path.join(tmp_dir, fs.basename(url))
         write_local(local)
         fs.put_file(local, url)
 
 
 def _write_weights(module_or_state: nn.Module | Mapping[str, torch.Tensor], url: str) -> None:
     commit_file(url, lambda path: save_weights(module_or_state, path))
-
-
-def _serialize(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 def save_checkpoint(ckpt_dir: str, step: int, model: nn.Module | Mapping[str, torch.Tensor],
@@ -116,7 +121,7 @@ def save_checkpoint(ckpt_dir: str, step: int, model: nn.Module | Mapping[str, to
     if ema is not None:
         _write_weights(ema, fs.join(url, EMA_FILE))
         files.append(EMA_FILE)
-    fs.write_bytes(fs.join(url, STATE_FILE), _serialize(dict(state)))
+    commit_file(fs.join(url, STATE_FILE), lambda path: torch.save(dict(state), path))
     fs.write_json(fs.join(url, COMPLETE), {"step": step, "files": sorted(files), "created": utc_now_iso(),
                                            **dict(info or {})})
     return url
