@@ -232,9 +232,11 @@ class WindowedArrays(IterableDataset):
         windows = self.plan.stream_windows(self.epoch, self.stream)
         counts = self.plan.window_batch_counts(self.epoch, self.stream)
         for w, (blocks, count) in enumerate(zip(windows, counts)):
-            end = min(count, budget - done)
-            if end <= 0:
+            if done >= budget:
                 return
+            end = min(count, budget - done)
+            if end == 0:  # a window smaller than one micro-batch (e.g. only the short last block)
+                continue
             if done + end > self.first_batch:
                 yield w, blocks, max(0, self.first_batch - done), end
             done += end

@@ -66,6 +66,17 @@ def test_epoch_order_is_deterministic_disjoint_and_reshuffled(values_url):
     assert not np.array_equal(np.concatenate(rows), np.concatenate(epoch_rows(values_url, plan(seed=4), 0)))
 
 
+def test_windows_without_a_full_batch_are_skipped(values_url):
+    # Blocks of 8, 8, ..., 4 rows (100 = 12 x 8 + 4), one block per window, batches of 8: the window holding
+    # only the short last block yields nothing, wherever the shuffle puts it.
+    p = plan(window_blocks=1, batch_size=8, num_streams=1)
+    for epoch in range(4):
+        assert p.steps_per_epoch(epoch) == 12
+        assert len(epoch_rows(values_url, p, epoch)[0]) == 12
+    resumed = StreamBatches([RowIds(values_url, p, 0)], epoch=0, position=11)
+    assert len(next(resumed)[0][0]) == 8 and resumed.state_dict() == {"epoch": 1, "position": 0}
+
+
 def test_plan_helpers():
     assert common_block_size([8, 12, 4]) == 24
     assert list(streams_of_rank(4, 1, 2)) == [2, 3]
