@@ -90,7 +90,7 @@ class Config:
     precision: str = "fp32"            # DiT autocast: fp32 | bf16
     vae_precision: str = "fp32"        # VAE decode autocast: fp32 (official) | bf16
     device: str = "auto"               # auto | cuda | cpu
-    compile: bool = False              # torch.compile the DiT(s)
+    compile_mode: str = ""             # torch.compile the DiT(s): "" (eager), default, reduce-overhead, ...
     allow_tf32: bool = True            # as the official sampler (fp32 matmuls in TF32 on Ampere+)
     grid_images: int = 64
     rank: int = -1                     # -1: from the torchrun environment; set both to simulate a rank
@@ -205,11 +205,16 @@ def resolve_sources(cfg: Config) -> tuple[ModelSource, ModelSource | None]:
     return main, guidance
 
 
-def load_network(source: ModelSource, device: torch.device, compile_model: bool = False):
+def prepare_network(model: torch.nn.Module, device: torch.device, compile_mode: str = ""):
+    """Inference placement: on ``device``, eval, no grads, compiled with ``compile_mode`` unless it is empty."""
+    model = model.to(device).eval().requires_grad_(False)
+    return torch.compile(model, mode=compile_mode) if compile_mode else model
+
+
+def load_network(source: ModelSource, device: torch.device, compile_mode: str = ""):
     model = build_model(source.name, **source.overrides)
     load_weights(model, source.weights)
-    model = model.to(device).eval().requires_grad_(False)
-    return torch.compile(model) if compile_model else model
+    return prepare_network(model, device, compile_mode)
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -253,8 +258,8 @@ class Generator:
 
 
 def build_generator(cfg: Config, main: ModelSource, guidance: ModelSource | None, device: torch.device) -> Generator:
-    model = load_network(main, device, cfg.compile)
-    guidance_model = load_network(guidance, device, cfg.compile) if guidance else None
+    model = load_network(main, device, cfg.compile_mode)
+    guidance_model = load_network(guidance, device, cfg.compile_mode) if guidance else None
     base = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
     semantic_channels = int(base.semantic_channels)
     latent_shape = (int(base.in_channels), int(base.input_size), int(base.input_size))
