@@ -44,6 +44,13 @@ def _markdown_table(rows: dict[str, Any], header: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _describe_location(value: Any) -> str:
+    """One table cell for an artifact: its URL, or the count and first URL of a list (e.g. 1,000 shards)."""
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)} files, first `{value[0]}`" if value else "none"
+    return f"`{value}`"
+
+
 def thumbnail_markdown(png_url: str, max_px: int = THUMBNAIL_PX) -> str:
     """A small PNG as a markdown data URI (keeps event-log rows small), with a link to the full image."""
     from PIL import Image
@@ -80,11 +87,11 @@ def manifest_metadata(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
         meta["metrics_table"] = _entry(table + (f"\n\n_{STANDIN_NOTE}_" if manifest.get("standins") else ""), "md")
     artifacts = manifest.get("artifacts") or {}
     if artifacts:
-        meta["artifacts"] = _entry(_markdown_table({k: f"`{v}`" for k, v in artifacts.items()},
+        meta["artifacts"] = _entry(_markdown_table({k: _describe_location(v) for k, v in artifacts.items()},
                                                    ("artifact", "location")), "md")
-    if GRID_ARTIFACT in artifacts:
+    if isinstance(artifacts.get(GRID_ARTIFACT), str):
         meta["sample_grid"] = _entry(thumbnail_markdown(artifacts[GRID_ARTIFACT]), "md")
-    if REPORT_ARTIFACT in artifacts and str(artifacts[REPORT_ARTIFACT]).endswith(".md"):
+    if isinstance(artifacts.get(REPORT_ARTIFACT), str) and artifacts[REPORT_ARTIFACT].endswith(".md"):
         meta["report"] = _entry(fs.read_bytes(artifacts[REPORT_ARTIFACT]).decode("utf-8"), "md")
     return meta
 

@@ -24,6 +24,7 @@ from sfd_core.config import ConfigError
 STANDINS, FILES = "standins", "files"
 SOURCES = (STANDINS, FILES)
 STANDINS_FLAG = "standins"      # ${pretrained.standins}: true when stand-ins are used (reports say so)
+STANDINS_DIR_ENV = "SFD_STANDINS_DIR"
 DEFAULT_STANDINS_DIR = Path.home() / ".cache" / "sfd-pipeline" / "standins"
 _SECTION_KEYS = {"source", "seed", "resolution"}
 
@@ -60,7 +61,7 @@ class Weights:
 
     @staticmethod
     def _standin_names() -> tuple[str, ...]:
-        return "texture_vae", "texture_vae_f8", "dinov2", "inception"
+        return "texture_vae", "texture_vae_f8", "dinov2", "inception", "semvae_official"
 
     def _make_standins(self) -> dict[str, Any]:
         directory = self._directory()
@@ -107,5 +108,5 @@ def resolve_pretrained(section: dict[str, Any], source: str | None = None, stand
         existing = merged.get(name)
         merged[name] = {**existing, "path": path} if isinstance(existing, dict) else path
     merged["source"] = chosen
-    return Weights(source=chosen, section=merged,
-                   standins_dir=Path(standins_dir).expanduser() if standins_dir else DEFAULT_STANDINS_DIR)
+    directory = standins_dir or os.environ.get(STANDINS_DIR_ENV) or DEFAULT_STANDINS_DIR
+    return Weights(source=chosen, section=merged, standins_dir=Path(directory).expanduser().resolve())

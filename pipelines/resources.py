@@ -107,7 +107,8 @@ class PretrainedResource(dg.ConfigurableResource):
 
     source: Optional[str] = Field(default=None, description="'standins' or 'files'; default from the profile")
     standins_dir: Optional[str] = Field(default=None, description="local cache of the stand-in networks; "
-                                                                  "default ~/.cache/sfd-pipeline/standins")
+                                                                  "default $SFD_STANDINS_DIR or "
+                                                                  "~/.cache/sfd-pipeline/standins")
     weights: dict[str, str] = Field(default_factory=dict, description="network name -> weights path; "
                                                                       "overrides the profile's 'pretrained'")
 

@@ -56,7 +56,9 @@ def plan_stage(spec: StageSpec, values: dict[str, Any], compute: dict[str, Any],
     upstream = {name: str(upstream_manifests[name]["fingerprint"]) for name in dict.fromkeys(spec.inputs.values())}
     upstream.update(extra_upstream or {})
     fp = fingerprint(spec.asset, spec.code_version, hashed, upstream)
-    inputs = {field: str(upstream_manifests[name]["uri"]) for field, name in spec.inputs.items()}
+    # A profile may set an input field itself (e.g. fid_reference.shards_url: "" to use an ADM npz instead).
+    inputs = {field: str(upstream_manifests[name]["uri"]) for field, name in spec.inputs.items()
+              if field not in values}
     return StagePlan(spec=spec, fingerprint=fp, out_url=fs.join(root, spec.asset, fp), values=values,
                      inputs={**inputs, **(locations or {})}, upstream=upstream)
 
