@@ -1,6 +1,13 @@
 """Small synthetic stage outputs in the real layouts (Zarr arrays + _SUCCESS.json manifests)."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import multiprocessing
+import os
+import socket
+from typing import Any, Callable
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +73,30 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _rank_main(entry: Callable[[list[str]], Any], cfg: Any, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    entry(["--config", json.dumps(dataclasses.asdict(cfg))])
+
+
+def start_program(entry: Callable[[list[str]], Any], cfg: Any, env: dict[str, str] | None = None
+                  ) -> multiprocessing.Process:
+    """A stage's CLI entry point ``entry(argv)`` in a forked process. Forked, not spawned: the parent's imports
+    are reused, which saves seconds per process on the shared test machine."""
+    process = multiprocessing.get_context("fork").Process(target=_rank_main, args=(entry, cfg, env or {}))
+    process.start()
+    return process
+
+
+def run_ranks(entry: Callable[[list[str]], Any], cfg: Any, world_size: int = 2) -> list[int]:
+    """Run ``entry`` as ``world_size`` DDP ranks (gloo) with the environment torchrun would set; exit codes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    ranks = [start_program(entry, cfg, {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world_size),
+                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(world_size)]
+    for process in ranks:
+        process.join(timeout=240)
+    return [process.exitcode for process in ranks]

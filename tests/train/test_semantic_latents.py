@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_dino_stage, make_texture_stage
+from conftest import make_dino_stage, make_texture_stage, run_ranks
 from sfd_core.latent_data import FEATURES_STORE, LATENTS_STORE, array_url, tokens_from_grid
 from sfd_core.semantic_latents import Config, chunk_seed, main, rank_chunks, run
 from sfd_core.semvae import SemVAE, save_semvae
@@ -95,11 +93,6 @@ def test_resume_redoes_only_unfinished_chunks(tmp_path, inputs, single_thread):
         np.testing.assert_array_equal(resumed[CHUNK:], values[CHUNK:])  # chunk 1 recomputed identically
 
 
-def _rank(cfg: Config, env: dict[str, str]) -> None:
-    os.environ.update(env)
-    main(["--config", json.dumps(dataclasses.asdict(cfg))])
-
-
 def test_ranks_split_chunks_and_match_one_process(tmp_path, inputs, single_thread):
     assert [list(rank_chunks(5, r, 2)) for r in range(2)] == [[0, 1], [2, 3, 4]]
     assert sorted(c for r in range(3) for c in rank_chunks(7, r, 3)) == list(range(7))
@@ -107,17 +100,7 @@ def test_ranks_split_chunks_and_match_one_process(tmp_path, inputs, single_threa
     run(config(one, inputs))
     two = str(tmp_path / "two")
     cfg = config(two, inputs, batch_size=5)  # another batch size too: results must not depend on it
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    ranks = [multiprocessing.get_context("fork").Process(target=_rank, args=(cfg, {
-        "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}))
-        for r in range(2)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=120)
-    assert [p.exitcode for p in ranks] == [0, 0]
+    assert run_ranks(main, cfg) == [0, 0]
     for name in ("semantic", "semantic_flip", "labels"):
         np.testing.assert_allclose(stored(two, name), stored(one, name), rtol=0, atol=1e-6)
     assert sorted(PartMarkers(two).all()) == [f"chunk-{c:06d}" for c in range(N // CHUNK)] + ["labels"]

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_dino_stage
+from conftest import make_dino_stage, run_ranks
 from sfd_core.semvae import load_semvae
-from sfd_core.train_semvae import Config, lr_factor, run
+from sfd_core.train_semvae import Config, lr_factor, main, run
 from sfd_core.train_state import MODEL_FILE, complete_steps, read_weights
 from storage import fs
 
@@ -71,3 +71,15 @@ def test_resume_from_checkpoint_folder_equals_uninterrupted(tmp_path, single_thr
     # The training weights moved away from a fresh init with the same seed.
     assert not torch.equal(final["encoder.0.weight"], read_weights(
         str(tmp_path / "ref" / "checkpoints" / "step_0000003" / MODEL_FILE))["encoder.0.weight"])
+
+
+def test_two_processes_match_one_process(tmp_path, single_thread):
+    features = make_dino_stage(str(tmp_path / "dino"))
+    one = run(tiny_config(str(tmp_path / "one"), features, data_streams=2))
+    assert run_ranks(main, tiny_config(str(tmp_path / "two"), features, data_streams=2)) == [0, 0]
+    two = fs.read_json(str(tmp_path / "two" / "_SUCCESS.json"))
+    a, b = read_weights(one["artifacts"]["weights"]), read_weights(two["artifacts"]["weights"])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
+    for got, expected in zip(two["metrics"]["evals"], one["metrics"]["evals"], strict=True):
+        assert got == pytest.approx(expected, rel=1e-5)

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import make_dino_stage, make_semantic_stage, make_texture_stage
+from conftest import make_dino_stage, make_semantic_stage, make_texture_stage, run_ranks, start_program
 from sfd_core import reporting
 from sfd_core.config import ConfigError
 from sfd_core.models import build_model, model_config
@@ -38,25 +36,6 @@ def tiny_config(out_url: str, stages: dict, **changes) -> Config:
                   global_batch=8, max_steps=6, ckpt_every=3, keep_last=1, log_every=2, loader_workers=0,
                   shuffle_window=16, device="cpu", tensorboard=False, **stages)
     return dataclasses.replace(base, **changes)
-
-
-def _child(cfg: Config, env: dict[str, str]) -> None:
-    os.environ.update(env)
-    main(["--config", json.dumps(dataclasses.asdict(cfg))])
-
-
-def start_training(cfg: Config, env: dict[str, str] | None = None) -> multiprocessing.Process:
-    """The CLI entry point in a forked process (forked: the parent's imports are reused, which saves seconds
-    per process on the shared test machine; torchrun's environment is set by hand for DDP)."""
-    process = multiprocessing.get_context("fork").Process(target=_child, args=(cfg, env or {}))
-    process.start()
-    return process
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def final_weights(manifest: dict) -> tuple[dict, dict]:
@@ -91,12 +70,7 @@ def test_flops_formula_matches_flop_counter():
 def test_two_processes_match_one_process(tmp_path, stages, single_thread):
     one = run(tiny_config(str(tmp_path / "one"), stages, data_streams=2, max_steps=4, ckpt_every=4))
     cfg = tiny_config(str(tmp_path / "two"), stages, data_streams=2, max_steps=4, ckpt_every=4)
-    port = str(free_port())
-    ranks = [start_training(cfg, {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
-    for process in ranks:
-        process.join(timeout=240)
-    assert [p.exitcode for p in ranks] == [0, 0]
+    assert run_ranks(main, cfg) == [0, 0]
     two = json.loads(Path(tmp_path / "two" / "_SUCCESS.json").read_text())
     for a, b in zip(final_weights(one), final_weights(two)):
         assert a.keys() == b.keys()
@@ -114,7 +88,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, stages, single_threa
     reference = run(tiny_config(str(tmp_path / "ref"), stages, max_steps=steps, ckpt_every=2))
     out = tmp_path / "killed"
     cfg = tiny_config(str(out), stages, max_steps=steps, ckpt_every=2)
-    child = start_training(cfg)
+    child = start_program(main, cfg)
     deadline = time.monotonic() + 120
     while not complete_steps(str(out / "checkpoints")) and child.is_alive() and time.monotonic() < deadline:
         time.sleep(0.005)
