@@ -142,6 +142,35 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
+def print_kernel_profile(step, device: torch.device, title: str, steps: int = 3, top: int = 25) -> None:
+    """Where the device time of a few steps goes: the top kernels and a coarse split by kernel family."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA] \
+        if device.type == "cuda" else list(prof.key_averages())
+    attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    families = {"gemm": ("gemm", "cutlass", "sm90", "nvjet", "cublas", "mm_"), "attention": ("flash", "fmha", "attention"),
+                "optimizer": ("adam", "foreach", "lerp", "multi_tensor"), "triton": ("triton",)}
+    split = dict.fromkeys(list(families) + ["other"], 0.0)
+    for e in events:
+        name = e.key.lower()
+        fam = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
+        split[fam] += getattr(e, attr)
+    print(f"\n#### kernel profile: {title} ({steps} steps, {total / steps / 1e3:.1f} ms device time per step)")
+    print(" | ".join(f"{f} {100 * v / total:.1f}%" for f, v in split.items()))
+    for e in events[:top]:
+        print(f"{100 * getattr(e, attr) / total:5.1f}%  {getattr(e, attr) / steps / 1e3:7.2f} ms/step  "
+              f"x{e.count // steps:<4d} {e.key[:110]}")
+
+
 # ------------------------------------------------------------------------------------------ training step
 def local_sfd_loss(model, x1, y, dino, delta_t=0.3, semantic_channels=16, semantic_weight=2.0, repa_weight=1.0):
     """SFD objective (SPEC 5.1-5.2), used only when ``sfd_core.transport`` is unavailable."""
@@ -208,6 +237,8 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, batch: int,
         for _ in range(args.steps):
             loss = step()
     step_s = timer.seconds / args.steps
+    if args.profile:
+        print_kernel_profile(step, device, f"train {variant} batch {batch}")
     img_per_s = batch / step_s
     result = {"kind": "train", "variant": variant, "batch": batch, "step_ms": 1e3 * step_s, "img_per_s": img_per_s,
               "tflops": 3 * flops_per_image * img_per_s / 1e12, "mfu": 3 * flops_per_image * img_per_s / ceiling,
@@ -280,12 +311,15 @@ def parse_args(argv=None):
     parser.add_argument("--ceiling-reps", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], metavar="ARG=VALUE",
                         help="model constructor override, e.g. --set input_size=8 (repeatable)")
+    parser.add_argument("--profile", action="store_true", help="print the top device kernels of each train run")
     parser.add_argument("--json", default=None, help="output JSON path (default $OUT/train_step.json)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    args.variants = (args.variants or ("eager,compile,max-autotune" if cuda else "eager")).split(",")
-    args.sampler_variants = (args.sampler_variants or ("eager,compile" if cuda else "eager")).split(",")
+    default_train, default_sampler = ("eager,compile,max-autotune", "eager,compile") if cuda else ("eager", "eager")
+    # "none" skips that half of the benchmark
+    args.variants = [v for v in (args.variants or default_train).split(",") if v and v != "none"]
+    args.sampler_variants = [v for v in (args.sampler_variants or default_sampler).split(",") if v and v != "none"]
     for v in args.variants + args.sampler_variants:
         if v and v not in COMPILE_MODES:
             parser.error(f"unknown variant {v!r}; choose from {sorted(COMPILE_MODES)}")

@@ -21,7 +21,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # Official order (cast back, then scale by the fp32 weight), rounded to the input dtype: identical in
+        # fp32, and under bf16 autocast q/k stay bf16 instead of silently widening to fp32 (half the bytes).
+        return (normed.type_as(x) * self.weight).type_as(x)
 
 
 class SwiGLU(nn.Module):

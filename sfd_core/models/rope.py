@@ -43,4 +43,6 @@ class VisionRotaryEmbeddingFast(nn.Module):
         self.register_buffer("freqs_sin", angles.sin())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.freqs_cos + rotate_interleaved_pairs(x) * self.freqs_sin
+        # Rotate in fp32 (the buffers' dtype) and return the input dtype, so bf16 activations stay bf16.
+        x32 = x.float()
+        return (x32 * self.freqs_cos + rotate_interleaved_pairs(x32) * self.freqs_sin).type_as(x)

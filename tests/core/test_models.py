@@ -145,10 +145,12 @@ def test_rmsnorm_matches_float64():
     x = torch.randn(5, 7, 24) * 3
     expected = ref_rmsnorm(x.double(), norm.weight.double())
     torch.testing.assert_close(norm(x).double(), expected, rtol=1e-5, atol=1e-5)
-    # bf16 input: normalised in fp32 and cast back before the weight (so weight*normed is promoted to fp32).
+    # bf16 input: normalised in fp32, cast back before the fp32 weight (official order), result kept in bf16.
     xb = x.bfloat16()
-    expected_bf16 = (ref_rmsnorm(xb.double(), 1.0).bfloat16().double() * norm.weight.double())
-    torch.testing.assert_close(norm(xb).double(), expected_bf16, rtol=1e-6, atol=1e-6)
+    expected_bf16 = (ref_rmsnorm(xb.double(), 1.0).bfloat16().double() * norm.weight.double()).bfloat16()
+    out = norm(xb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected_bf16.double(), rtol=2 ** -8, atol=1e-6)  # <= 1 bf16 ulp
 
 
 def test_swiglu_matches_float64():
