@@ -383,6 +383,9 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
         f"{plan.num_samples} samples, global batch {cfg.global_batch} = {num_streams} streams x "
         f"{plan.batch_size}, world {info.world_size}, steps {step} -> {cfg.max_steps}")
 
+    # Enough, with the weights, to sample from a checkpoint while training runs (pipelines.checkpoints).
+    checkpoint_info = {"model": {"name": cfg.model, "overrides": dict(data.model_overrides)},
+                       "delta_t": cfg.delta_t, "latent_multiplier": cfg.latent_multiplier}
     last_saved = step if latest is not None else -1
     throughput = {"img_per_s": 0.0, "mfu": 0.0}
 
@@ -393,8 +396,7 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
             state = {"step": at_step, "optimizer": trainer.optimizer.state_dict(), "data": batches.state_dict(),
                      "world_size": info.world_size, "num_streams": num_streams, "loss_curve": curve.state_dict(),
                      **run_state}
-            url = save_checkpoint(ckpt_dir, at_step, trainer.model, state, ema=trainer.ema,
-                                  info={"epoch": batches.epoch})
+            url = save_checkpoint(ckpt_dir, at_step, trainer.model, state, ema=trainer.ema, info=checkpoint_info)
             removed = apply_retention(ckpt_dir, cfg.keep_last, cfg.keep_every)
             log(f"train_sfd: checkpoint {url}" + (f" (retired steps {removed})" if removed else ""))
         dist_utils.barrier()

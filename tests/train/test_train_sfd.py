@@ -19,7 +19,7 @@ from sfd_core.config import ConfigError
 from sfd_core.models import build_model, model_config
 from sfd_core.distributed import TrainingInterrupted
 from sfd_core.train_sfd import Config, main, resolve_config, run, train_flops_per_image
-from sfd_core.train_state import EMA_FILE, MODEL_FILE, complete_steps, read_weights
+from sfd_core.train_state import COMPLETE, EMA_FILE, MODEL_FILE, complete_steps, read_weights
 from storage import fs
 
 
@@ -136,6 +136,9 @@ def test_manifest_describes_a_loadable_model(tmp_path, stages, single_thread):
     assert manifest["stage"] == "sfd_model" and manifest["counts"]["steps"] == 6
     assert all(fs.exists(url) for url in manifest["artifacts"].values())
     assert complete_steps(str(tmp_path / "out" / "checkpoints")) == [6]  # keep_last=1 retired step 3
+    committed = fs.read_json(fs.join(manifest["artifacts"]["checkpoint"], COMPLETE))
+    assert committed["model"] == {k: manifest["model"][k] for k in ("name", "overrides")}
+    assert (committed["delta_t"], committed["latent_multiplier"], committed["step"]) == (0.3, 1.0, 6)
     model = build_model(manifest["model"]["name"], **manifest["model"]["overrides"])
     model.load_state_dict(read_weights(manifest["artifacts"]["ema"]))
     assert len(manifest["stats"]["texture"]["mean"]) == 4 and len(manifest["stats"]["semantic"]["std"]) == 2
