@@ -11,13 +11,14 @@ Reading single samples from Zarr costs a chunk decode each, so every read here i
 3. Windows: a stream reads ``window_blocks`` blocks at a time, shuffles their samples together with a
    ``(seed, epoch, stream, window)`` generator (which also draws the per-sample image/flip choice, applied as
    each block is read, so a window keeps one variant per sample) and cuts micro-batches; samples left over at
-   the end of a window are dropped. Every stream yields the same number
-   of micro-batches per epoch (the minimum over streams), so ranks stay in lockstep.
+   the end of a window are dropped. Every stream yields the same number of micro-batches per epoch (the
+   minimum over streams), so ranks stay in lockstep.
 
 Positions are ``(epoch, batches done in that epoch)``: resuming skips whole windows without reading them.
 DataLoader workers take whole windows in turn (window i -> worker i mod workers) and the loader returns them
 in order, so the batch sequence does not depend on the number of workers. Arrays are opened lazily in each
-process (``worker_init``), never inherited through fork.
+process (``worker_init``), never inherited through fork. A window crosses processes as compact tensors (one
+variant per sample, stored dtypes); ``finalize_batch`` makes each micro-batch in the consumer.
 
 A micro-batch mixes only the samples of one window, so the window must span many chunks when rows are stored
 in class order (ImageFolder order: a 256-row chunk is about one class): the trainers default to 4096 samples.
@@ -26,8 +27,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
