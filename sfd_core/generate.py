@@ -400,8 +400,8 @@ def _check(cfg: Config) -> None:
     for name in ("precision", "vae_precision"):
         if getattr(cfg, name) not in PRECISIONS:
             raise ConfigError(f"{name}: expected one of {sorted(PRECISIONS)}, got {getattr(cfg, name)!r}")
-    if cfg.num_samples <= 0 or cfg.batch_size <= 0 or cfg.images_per_shard <= 0:
-        raise ConfigError("num_samples, batch_size and images_per_shard must be positive")
+    if min(cfg.num_samples, cfg.batch_size, cfg.images_per_shard, cfg.grid_images) <= 0:
+        raise ConfigError("num_samples, batch_size, images_per_shard and grid_images must be positive")
     if (cfg.rank < 0) != (cfg.world_size < 0) or cfg.rank >= max(cfg.world_size, 1):
         raise ConfigError("rank/world_size: set both (0 <= rank < world_size) or neither")
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import smooth_images
+from eval_helpers import smooth_images
 from PIL import Image
 
 from sfd_core import fid, generate

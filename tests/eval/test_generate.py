@@ -124,6 +124,11 @@ def test_config_errors_name_the_field(tmp_path, standins, model_stages):
         generate.run(make_config(tmp_path / "y", standins, model_stages, checkpoint="w.safetensors"))
 
 
+def test_rank_zero_gives_up_on_missing_shards(tmp_path):
+    with pytest.raises(TimeoutError, match="shard-000001"):
+        generate.wait_for_shards(str(tmp_path), ["shard-000000", "shard-000001"], timeout_s=0.0)
+
+
 def test_streaming_npz_equals_numpy_savez(tmp_path):
     data = np.random.default_rng(0).integers(0, 256, (5, 4, 3, 3), dtype=np.uint8)
     path = str(tmp_path / "a.npz")
