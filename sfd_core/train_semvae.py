@@ -29,9 +29,8 @@ from sfd_core.latent_data import (FEATURES_STORE, StreamBatches, WindowedArrays,
                                   streams_of_rank, tokens_from_grid)
 from sfd_core.reporting import log, metric
 from sfd_core.semvae import SemVAE, save_semvae, semvae_loss
-from sfd_core.train_state import (MODEL_FILE, LossCurve, MetricWindow, StreamGenerators, apply_retention,
-                                  clean_incomplete, commit_file, latest_complete, load_model_weights, load_state,
-                                  save_checkpoint)
+from sfd_core.train_state import (MODEL_FILE, LossCurve, MetricWindow, RunCheckpoints, StreamGenerators,
+                                  commit_file, latest_complete, load_model_weights)
 from storage import fs
 from storage.arrays import open_array
 from storage.manifest import read_success, write_success
@@ -204,23 +203,15 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
     window = MetricWindow(5, info.device)
     evals: list[dict[str, float]] = []
 
-    ckpt_dir = fs.join(cfg.out_url, "checkpoints")
-    if info.is_main and (removed := clean_incomplete(ckpt_dir)):
-        log(f"train_semvae: removed incomplete checkpoint folder(s) of step(s) {removed}")
-    dist_utils.barrier()
+    run_ckpts = RunCheckpoints(fs.join(cfg.out_url, "checkpoints"), info.rank, info.world_size, num_streams,
+                               generators, window, curve, cfg.keep_last, cfg.keep_every)
     step, position = 0, {"epoch": 0, "position": 0}
-    latest = latest_complete(ckpt_dir)
-    if latest is not None:
-        state = load_state(latest)
+    resumed = run_ckpts.resume()
+    if resumed is not None:
+        latest, state = resumed
         load_model_weights(model, latest, MODEL_FILE)
         optimizer.load_state_dict(state["optimizer"])
         step, position = int(state["step"]), dict(state["data"])
-        if int(state["num_streams"]) != num_streams:
-            raise ConfigError(f"the checkpoint used {state['num_streams']} data streams; resume with "
-                              f"data_streams={state['num_streams']}")
-        generators.restore(state["generators"], info.rank, info.world_size)
-        curve.load_state_dict(state["loss_curve"])
-        window.load_state_dict(state["log_window"])
         evals = list(state["evals"])
         log(f"train_semvae: resumed from {latest} (step {step})")
     batches = StreamBatches([DinoTokenDataset(cfg.features_url, plan, s) for s in local_streams],
@@ -248,20 +239,9 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
         optimizer.step()
         return torch.cat([terms / len(micro_batches), grad_norm.detach().float().view(1)])
 
-    last_saved = step if latest is not None else -1
-
     def save(at_step: int) -> None:
-        nonlocal last_saved
-        run_state = {"generators": generators.gather_state(), "log_window": window.state_dict()}  # collectives
-        if info.is_main:
-            state = {"step": at_step, "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
-                     "world_size": info.world_size, "num_streams": num_streams, "loss_curve": curve.state_dict(),
-                     "evals": evals, **run_state}
-            url = save_checkpoint(ckpt_dir, at_step, model, state)
-            apply_retention(ckpt_dir, cfg.keep_last, cfg.keep_every)
-            log(f"train_semvae: checkpoint {url}")
-        dist_utils.barrier()
-        last_saved = at_step
+        url = run_ckpts.save(at_step, model, optimizer, batches.state_dict(), extra={"evals": evals})
+        log(f"train_semvae: checkpoint {url}")
 
     window_start, window_steps = time.perf_counter(), 0
     try:
@@ -291,7 +271,7 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
                     raise TrainingInterrupted(f"stopped by a signal at step {step}; checkpoint written")
     finally:
         batches.close()
-    if last_saved != step:
+    if run_ckpts.last_saved != step:
         save(step)
 
     if info.is_main:
@@ -299,7 +279,7 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
         commit_file(weights_url, lambda path: save_semvae(model, path))
         fs.write_json(fs.join(cfg.out_url, ARCH_FILE), arch)
         write_success(cfg.out_url, _manifest(cfg, upstream, arch, curve, evals, train_count, eval_count,
-                                             latest_complete(ckpt_dir)))
+                                             latest_complete(run_ckpts.ckpt_dir)))
     dist_utils.barrier()
     return read_success(cfg.out_url)
 

@@ -35,9 +35,8 @@ from sfd_core.latent_data import (FEATURES_STORE, LATENTS_STORE, LatentSources, 
                                   StreamBatches, array_url, channel_stats, sfd_plan, streams_of_rank)
 from sfd_core.models import build_model, model_config
 from sfd_core.reporting import log, metric
-from sfd_core.train_state import (EMA_FILE, MODEL_FILE, LossCurve, MetricWindow, StreamGenerators,
-                                  apply_retention, clean_incomplete, complete_steps, latest_complete,
-                                  load_model_weights, load_state, save_checkpoint)
+from sfd_core.train_state import (EMA_FILE, MODEL_FILE, LossCurve, MetricWindow, RunCheckpoints,
+                                  StreamGenerators, complete_steps, latest_complete, load_model_weights)
 from sfd_core.transport import LossConfig, sfd_training_loss
 from storage import fs
 from storage.arrays import open_array
@@ -352,25 +351,14 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
     generators = StreamGenerators(cfg.seed, local_streams)  # CPU: transport draws there, then moves
     curve = LossCurve()
     window = MetricWindow(5, info.device)
-
-    ckpt_dir = fs.join(cfg.out_url, "checkpoints")
-    if info.is_main:
-        removed = clean_incomplete(ckpt_dir)
-        if removed:
-            log(f"train_sfd: removed incomplete checkpoint folder(s) of step(s) {removed}")
-    dist_utils.barrier()
+    run_ckpts = RunCheckpoints(fs.join(cfg.out_url, "checkpoints"), info.rank, info.world_size, num_streams,
+                               generators, window, curve, cfg.keep_last, cfg.keep_every)
     step, position = 0, {"epoch": 0, "position": 0}
-    latest = latest_complete(ckpt_dir)
-    if latest is not None:
-        state = load_state(latest)
+    resumed = run_ckpts.resume()
+    if resumed is not None:
+        latest, state = resumed
         trainer.load(latest, state)
         step, position = int(state["step"]), dict(state["data"])
-        if int(state["num_streams"]) != num_streams:
-            raise ConfigError(f"the checkpoint used {state['num_streams']} data streams; resume with "
-                              f"data_streams={state['num_streams']}")
-        generators.restore(state["generators"], info.rank, info.world_size)
-        curve.load_state_dict(state["loss_curve"])
-        window.load_state_dict(state["log_window"])
         log(f"train_sfd: resumed from {latest} (step {step}, epoch {position['epoch']})")
 
     datasets = [SFDLatentDataset(data.sources, plan, s) for s in local_streams]
@@ -386,21 +374,12 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
     # Enough, with the weights, to sample from a checkpoint while training runs (pipelines.checkpoints).
     checkpoint_info = {"model": {"name": cfg.model, "overrides": dict(data.model_overrides)},
                        "delta_t": cfg.delta_t, "latent_multiplier": cfg.latent_multiplier}
-    last_saved = step if latest is not None else -1
     throughput = {"img_per_s": 0.0, "mfu": 0.0}
 
     def save(at_step: int) -> None:
-        nonlocal last_saved
-        run_state = {"generators": generators.gather_state(), "log_window": window.state_dict()}  # collectives
-        if info.is_main:
-            state = {"step": at_step, "optimizer": trainer.optimizer.state_dict(), "data": batches.state_dict(),
-                     "world_size": info.world_size, "num_streams": num_streams, "loss_curve": curve.state_dict(),
-                     **run_state}
-            url = save_checkpoint(ckpt_dir, at_step, trainer.model, state, ema=trainer.ema, info=checkpoint_info)
-            removed = apply_retention(ckpt_dir, cfg.keep_last, cfg.keep_every)
-            log(f"train_sfd: checkpoint {url}" + (f" (retired steps {removed})" if removed else ""))
-        dist_utils.barrier()
-        last_saved = at_step
+        url = run_ckpts.save(at_step, trainer.model, trainer.optimizer, batches.state_dict(), ema=trainer.ema,
+                             info=checkpoint_info)
+        log(f"train_sfd: checkpoint {url}")
 
     window_start, window_steps = time.perf_counter(), 0
     try:
@@ -433,11 +412,12 @@ def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
         batches.close()
         if writer is not None:
             writer.close()
-    if last_saved != step:
+    if run_ckpts.last_saved != step:
         save(step)
 
     if info.is_main:
-        manifest = _manifest_for(cfg, data, model_kwargs, ckpt_dir, curve, throughput, plan.num_samples, params)
+        manifest = _manifest_for(cfg, data, model_kwargs, run_ckpts.ckpt_dir, curve, throughput, plan.num_samples,
+                                 params)
         write_success(cfg.out_url, manifest)
     dist_utils.barrier()
     return read_success(cfg.out_url)

@@ -27,6 +27,7 @@ from torch import nn
 
 from sfd_core import distributed
 from sfd_core.checkpoints import apply_state_dict, save_weights, strip_wrapper_prefixes
+from sfd_core.reporting import log
 from storage import fs
 from storage.manifest import utc_now_iso
 
@@ -301,3 +302,56 @@ class MetricWindow:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sums = state["sums"].to(self.sums.device)
         self.count = int(state["count"])
+
+
+# ------------------------------------------------------------------------------------------ a training run
+
+class RunCheckpoints:
+    """The checkpoint folders of one training run and the run state every trainer carries besides its model and
+    optimizer: per-stream generators, the open log window, the loss curve and the data position.
+
+    ``resume`` and ``save`` are collectives (every rank calls them); only rank 0 writes."""
+
+    def __init__(self, ckpt_dir: str, rank: int, world_size: int, num_streams: int, generators: StreamGenerators,
+                 window: MetricWindow, curve: LossCurve, keep_last: int, keep_every: int = 0):
+        self.ckpt_dir, self.rank, self.world_size, self.num_streams = ckpt_dir, rank, world_size, num_streams
+        self.generators, self.window, self.curve = generators, window, curve
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.last_saved = -1
+
+    def resume(self) -> tuple[str, dict[str, Any]] | None:
+        """Drop interrupted folders, then restore the run state of the newest complete checkpoint. Returns
+        (its URL, its state: "step", "data" position, "optimizer", trainer extras) or None for a fresh run."""
+        if self.rank == 0:
+            removed = clean_incomplete(self.ckpt_dir)
+            if removed:
+                log(f"{self.ckpt_dir}: removed incomplete checkpoint folder(s) of step(s) {removed}")
+        distributed.barrier()
+        latest = latest_complete(self.ckpt_dir)
+        if latest is None:
+            return None
+        state = load_state(latest)
+        if int(state["num_streams"]) != self.num_streams:
+            raise ValueError(f"{latest} was written with {state['num_streams']} data streams; resume with "
+                             f"data_streams={state['num_streams']}")
+        self.generators.restore(state["generators"], self.rank, self.world_size)
+        self.window.load_state_dict(state["log_window"])
+        self.curve.load_state_dict(state["loss_curve"])
+        self.last_saved = int(state["step"])
+        return latest, state
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, data_position: Mapping[str, int],
+             ema: nn.Module | None = None, extra: Mapping[str, Any] | None = None,
+             info: Mapping[str, Any] | None = None) -> str:
+        """Checkpoint ``step`` (then apply retention); returns the folder URL."""
+        run_state = {"generators": self.generators.gather_state(), "log_window": self.window.state_dict()}
+        url = checkpoint_url(self.ckpt_dir, step)
+        if self.rank == 0:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "data": dict(data_position),
+                     "world_size": self.world_size, "num_streams": self.num_streams,
+                     "loss_curve": self.curve.state_dict(), **run_state, **dict(extra or {})}
+            save_checkpoint(self.ckpt_dir, step, model, state, ema=ema, info=info)
+            apply_retention(self.ckpt_dir, self.keep_last, self.keep_every)
+        distributed.barrier()
+        self.last_saved = step
+        return url
