@@ -59,3 +59,12 @@ def fake_assets() -> list:
 
     return [imagenet_source, *(stage_asset(dataclasses.replace(spec, module="fake_stage"))
                                for spec in STAGES.values())]
+
+
+def fake_checkpoint_assets() -> list:
+    """The per-checkpoint evaluation assets, running ``fake_stage``."""
+    from pipelines.assets.checkpoint_eval import checkpoint_eval_assets
+    from pipelines.stages import STAGES
+
+    return checkpoint_eval_assets(dataclasses.replace(STAGES["sfd_samples"], module="fake_stage"),
+                                  dataclasses.replace(STAGES["fid_report"], module="fake_stage"))
