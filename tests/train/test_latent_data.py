@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_dino_stage, make_semantic_stage, make_texture_stage, write_arrays
+from train_helpers import make_dino_stage, make_semantic_stage, make_texture_stage, write_arrays
 from sfd_core.latent_data import (FEATURES_STORE, LATENTS_STORE, LatentSources, SFDLatentDataset, ShufflePlan,
                                   StreamBatches, WindowedArrays, array_url, common_block_size, sfd_plan,
                                   streams_of_rank)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_dino_stage, make_texture_stage, run_ranks
+from train_helpers import make_dino_stage, make_texture_stage, run_ranks
 from sfd_core.latent_data import FEATURES_STORE, LATENTS_STORE, array_url, tokens_from_grid
 from sfd_core.semantic_latents import Config, chunk_seed, main, rank_chunks, run
 from sfd_core.semvae import SemVAE, save_semvae

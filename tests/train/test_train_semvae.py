@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_dino_stage, run_ranks
+from train_helpers import make_dino_stage, run_ranks
 from sfd_core.semvae import load_semvae
 from sfd_core.train_semvae import Config, lr_factor, main, run
 from sfd_core.train_state import MODEL_FILE, complete_steps, read_weights

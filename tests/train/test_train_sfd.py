@@ -13,7 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import make_dino_stage, make_semantic_stage, make_texture_stage, run_ranks, start_program
+from train_helpers import make_dino_stage, make_semantic_stage, make_texture_stage, run_ranks, start_program
 from sfd_core import reporting
 from sfd_core.config import ConfigError
 from sfd_core.models import build_model, model_config
