@@ -59,7 +59,7 @@ def resolve_weights(
         cache = str(cache_dir) if cache_dir is not None else None
         try:
             return _from_hf(hf_repo, hf_filename, cache_dir=cache, local_only=True)
-        except (FileNotFoundError, OSError, ValueError):  # LocalEntryNotFoundError is a FileNotFoundError
+        except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError; bad repo ids are ValueErrors
             tried.append(f"the Hugging Face cache ({cache or 'HF_HUB_CACHE'}) for {hf_repo}")
         if allow_download and not hub_offline():
             return _from_hf(hf_repo, hf_filename, cache_dir=cache, local_only=False)

@@ -136,7 +136,8 @@ def ldm_decode(z, sd, g):
             if f"decoder.up.{i}.attn.{j}.q.weight" in sd:
                 h = _attn(h, sd, f"decoder.up.{i}.attn.{j}", g)
         if i != 0:
-            h = _conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), sd, f"decoder.up.{i}.upsample.conv", padding=1)
+            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            h = _conv(h, sd, f"decoder.up.{i}.upsample.conv", padding=1)
     return _conv(F.silu(_gn(h, sd, "decoder.norm_out", g)), sd, "decoder.conv_out", padding=1)
 
 
