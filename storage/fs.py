@@ -26,7 +26,7 @@ LOCAL_PROTOCOLS = ("file", "local")
 ENDPOINT_ENV_VARS = ("SFD_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 EXTRA_OPTIONS_ENV_VAR = "SFD_STORAGE_OPTIONS"
 RETRY_ATTEMPTS_ENV_VAR = "SFD_STORAGE_RETRY_ATTEMPTS"
-DEFAULT_RETRY_ATTEMPTS = 8  # with the backoff below: ~25 s of trying before giving up
+DEFAULT_RETRY_ATTEMPTS = 10  # with the backoff below: ~25-45 s of trying before giving up
 
 
 # ----------------------------------------------------------------------------------------------- URLs
@@ -83,8 +83,10 @@ def storage_options(url: str) -> dict[str, Any]:
     if proto in ("s3", "s3a"):
         # Listings must not be cached: other processes write to the same prefixes and servers restart.
         options["use_listings_cache"] = False
-        # botocore's own retries stay short; the long, jittered window is ours (``retrying``).
-        options["config_kwargs"] = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 5}
+        # botocore retries each request once (covers zarr/webdataset reads that bypass our helpers); the
+        # long, jittered window is ours (``retrying``), so a restarted server is noticed within seconds.
+        options["config_kwargs"] = {"retries": {"mode": "standard", "total_max_attempts": 2},
+                                    "connect_timeout": 5}
         endpoint = next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
@@ -104,24 +106,42 @@ def storage_options(url: str) -> dict[str, Any]:
 
 
 _filesystems: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
-_filesystems_pid = os.getpid()
 _filesystems_lock = threading.Lock()
+_inherited_from_parent: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    """Start a fresh cache in a forked child, but keep every inherited filesystem alive, ours and fsspec's.
+
+    The parent's event loop and connections are unusable in the child. Worse, if an inherited s3fs instance
+    is garbage-collected while the child runs its own loop, its finalizer closes the parent's sockets through
+    the parent's loop object, whose epoll instance is shared with the parent: the parent's sockets get
+    unregistered there and its next request on a pooled connection waits forever. Pinned, they never close.
+    """
+    global _filesystems_lock
+    _filesystems_lock = threading.Lock()  # another thread may have held it at fork time
+    _inherited_from_parent.append(dict(_filesystems))
+    _filesystems.clear()
+    pending = [fsspec.AbstractFileSystem]
+    while pending:  # fsspec's own instance caches (zarr, UPath... use them) are cleared on first use
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        _inherited_from_parent.append(list(getattr(cls, "_cache", {}).values()))
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The (cached) fsspec filesystem for ``url`` and the path inside it.
 
-    Instances are cached per (protocol, options) and the cache is dropped in a forked child, whose event loop
-    and connections from the parent are unusable; a spawned process starts empty anyway.
+    Instances are cached per (protocol, options); a forked child starts a fresh cache (see
+    ``_after_fork_in_child``), a spawned process starts empty anyway.
     """
-    global _filesystems_pid
     proto = protocol(url)
     options = storage_options(url)
     key = (proto, json.dumps(options, sort_keys=True, default=str))
     with _filesystems_lock:
-        if _filesystems_pid != os.getpid():
-            _filesystems.clear()
-            _filesystems_pid = os.getpid()
         fs = _filesystems.get(key)
         if fs is None:
             # skip_instance_cache: our key already decides reuse; fsspec's cache would outlive option changes.
@@ -194,10 +214,10 @@ def is_transient(error: BaseException) -> bool:
 
 
 def retrying(fn: Callable[..., T], *args: Any, attempts: int | None = None, base_delay: float = 0.25,
-             max_delay: float = 8.0, **kwargs: Any) -> T:
+             max_delay: float = 10.0, **kwargs: Any) -> T:
     """Call ``fn(*args, **kwargs)``; on a transient error sleep (exponential backoff, full jitter) and retry.
 
-    ``attempts`` defaults to ``$SFD_STORAGE_RETRY_ATTEMPTS`` or 8. Permanent errors (missing object, access
+    ``attempts`` defaults to ``$SFD_STORAGE_RETRY_ATTEMPTS`` or 10. Permanent errors (missing object, access
     denied, bad arguments) propagate at once. ``fn`` must be safe to repeat (all helpers here are).
     """
     total = attempts if attempts is not None else int(os.environ.get(RETRY_ATTEMPTS_ENV_VAR,

@@ -34,13 +34,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair(offset: int) -> tuple[int, int]:
+    """Free ports ``p`` and ``p + offset``."""
+    while True:
+        port = free_port()
+        if port + offset < 65536:
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((LOOPBACK, port + offset))
+                return port, port + offset
+            except OSError:
+                continue
+
+
 def _s3_client(endpoint_url: str, key: str = ACCESS_KEY, secret: str = SECRET_KEY):
     import boto3
     from botocore.config import Config
 
     return boto3.client("s3", endpoint_url=endpoint_url, aws_access_key_id=key, aws_secret_access_key=secret,
                         region_name="us-east-1",
-                        config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10))
+                        config=Config(retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=10))
 
 
 class S3TestServer:
@@ -117,9 +130,10 @@ class SeaweedS3Server(S3TestServer):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "weed.log"
         self.weed = weed or find_weed()
-        names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc",
-                 "admin", "admin.grpc"]
+        names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc"]
         self.ports = {name: free_port() for name in names}
+        # The built-in maintenance worker dials admin.port + 10000 whatever -admin.port.grpc says.
+        self.ports["admin"], self.ports["admin.grpc"] = free_port_pair(10000)
         self.endpoint_url = f"http://{LOOPBACK}:{self.ports['s3']}"
         self._process: subprocess.Popen | None = None
 
