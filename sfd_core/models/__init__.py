@@ -1,7 +1,10 @@
 """SFD networks: LightningDiT configs and a builder.
 
 ``build_model("LightningDiT-XL/1")`` gives the SFD XL/1 network (48 input channels, 16 of them semantic, 16x16
-latents, REPA projector after block 2). Keyword overrides change any constructor argument.
+latents, REPA projector after block 2). Keyword overrides change any constructor argument; the named channel
+layouts of the baselines (``sfd_core.models.layouts``) are overrides too:
+``build_model("LightningDiT-XL/1", **layout("lightningdit"))`` is plain LightningDiT-XL/1 on the 32-channel
+texture latent, ``layout("repa")``, ``layout("redi_pca8")`` and ``layout("sfd")`` (the default) the others.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import inspect
 from torch import nn
 
 from sfd_core.models.guidance import autoguidance_velocity, guided_velocity
+from sfd_core.models.layouts import LAYOUTS, ChannelLayout, get_layout, layout
 from sfd_core.models.lightningdit import LightningDiT
 
 # SFD defaults shared by every config (SPEC 4.1): 16x16x48 latents = texture 32 + semantic 16.
@@ -45,5 +49,5 @@ def build_model(name: str, **overrides) -> nn.Module:
     return LightningDiT(**model_config(name, **overrides))
 
 
-__all__ = ["MODEL_CONFIGS", "LightningDiT", "autoguidance_velocity", "build_model", "guided_velocity",
-           "model_config"]
+__all__ = ["LAYOUTS", "MODEL_CONFIGS", "ChannelLayout", "LightningDiT", "autoguidance_velocity", "build_model",
+           "get_layout", "guided_velocity", "layout", "model_config"]

@@ -378,3 +378,42 @@ def test_forward_and_cfg_trace_without_graph_breaks():
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     explained = torch._dynamo.explain(model.eval().forward_with_cfg)(x, t, y, 1.5, 0.2)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+# ------------------------------------------------------------------------------------------- channel layouts
+@pytest.mark.parametrize("name,in_ch,sem,delta_t,repa", [
+    ("lightningdit", 32, 0, 0.0, False), ("repa", 32, 0, 0.0, True), ("redi_pca8", 40, 8, 0.0, True),
+    ("redi_pca8_sf", 40, 8, 0.3, True), ("sfd_sync", 48, 16, 0.0, True), ("sfd", 48, 16, 0.3, True)])
+def test_named_layouts_build_train_and_sample(name, in_ch, sem, delta_t, repa):
+    from sfd_core.models import get_layout, layout
+    from sfd_core.sampling import sample
+    from sfd_core.transport import LossConfig, sfd_training_loss
+
+    lay = get_layout(name)
+    assert (lay.in_channels, lay.semantic_channels, lay.delta_t, lay.use_repa) == (in_ch, sem, delta_t, repa)
+    model = randomize(tiny_sfd(**layout(name), repa_out_dim=8))
+    assert model.x_embedder.proj.weight.shape[1] == in_ch and model.out_channels == in_ch
+    keys = model.state_dict().keys()
+    assert ("t_embedder.mlp.0.weight" in keys) == (sem == 0)
+    assert ("t_embedder_sem.mlp.0.weight" in keys) == (sem > 0)
+    assert any(k.startswith("repa_projector.") for k in keys) == repa
+    x, t, y = sfd_inputs(channels=in_ch)
+    feats = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(2))
+    losses = sfd_training_loss(model.train(), x, y, feats, LossConfig(**lay.loss_overrides()),
+                               generator=torch.Generator().manual_seed(3))
+    assert torch.isfinite(losses["loss"]) and (losses["repa"] > 0) == repa
+    losses["loss"].backward()
+    out = sample(model, torch.randn(2, in_ch, 4, 4), y[:2], num_steps=5, method="heun", delta_t=lay.delta_t,
+                 semantic_channels=lay.semantic_channels)
+    assert out.shape == (2, in_ch, 4, 4) and torch.isfinite(out).all()
+
+
+def test_plain_xl_layout_matches_lightningdit_param_count_and_unknown_layout_is_named():
+    from sfd_core.models import layout
+    with torch.device("meta"):
+        model = build_model("LightningDiT-XL/1", **layout("lightningdit"))
+    # hustvl/LightningDiT docs/log.txt: XL/1 on the 32-channel f16d32 latent has 675.26 M parameters.
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 675.26
+    assert len(model.state_dict()) == 417 - 8 + 4 - 6  # one H-wide t_embedder, no REPA projector
+    with pytest.raises(ValueError, match="redi_pca8"):
+        layout("redi")
