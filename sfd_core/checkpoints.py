@@ -4,7 +4,8 @@
   weights are preferred); keys may carry ``module.`` prefixes from DDP/accelerate wrapping;
 - official SemVAE ``semantic_ae_final.pt``: ``{'model_state_dict', 'optimizer_state_dict', ..., 'config'}``;
 - our own ``.safetensors`` with string metadata (``save_weights``).
-Paths may be local or any fsspec URL (``s3://...``); bytes are read whole through fsspec.
+Paths may be local or any URL ``storage.fs`` handles (``s3://...`` with the project's endpoint and credential
+settings, retries, atomic writes). Local files are read in place (safetensors memory-mapped), remote ones whole.
 """
 from __future__ import annotations
 
@@ -13,16 +14,16 @@ import json
 import os
 import pickle
 import struct
-import tempfile
 from typing import Any, Mapping
 
-import fsspec
 import torch
 from safetensors.torch import load as safetensors_load
+from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from sfd_core.reporting import log
+from storage import fs
 
 # Preferred nested entries, in order: EMA weights beat raw weights for inference.
 STATE_DICT_ENTRIES = ("ema", "model_state_dict", "model", "state_dict")
@@ -35,29 +36,55 @@ class CheckpointError(ValueError):
 
 
 def read_bytes(path: str) -> bytes:
-    with fsspec.open(str(path), "rb") as f:
-        return f.read()
+    """The whole file, through ``storage.fs`` (S3 endpoint/credentials from the environment, retries)."""
+    return fs.read_bytes(str(path))
 
 
-def _is_safetensors(data: bytes) -> bool:
-    # Layout: u64 little-endian header length, then a JSON header starting with '{'.
-    if len(data) < 9:
+def _local_path(path: str) -> str | None:
+    """The filesystem path of a local path or ``file://`` URL; None for remote URLs."""
+    path = str(path)
+    if not fs.is_local(path):
+        return None
+    return path.split("://", 1)[1] if "://" in path else path
+
+
+def _is_safetensors(head: bytes, size: int | None = None) -> bool:
+    """Whether a file starting with ``head`` (at least 9 bytes of it) and ``size`` bytes long (default:
+    ``len(head)``) is safetensors: a u64 little-endian header length, then a JSON header starting with '{'."""
+    size = len(head) if size is None else size
+    if len(head) < 9:
         return False
-    (header_len,) = struct.unpack("<Q", data[:8])
-    return 0 < header_len <= len(data) - 8 and data[8:9] == b"{"
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 0 < header_len <= size - 8 and head[8:9] == b"{"
 
 
 def load_checkpoint_object(path: str) -> Any:
-    """The raw object in a weights file: a dict of tensors for safetensors, whatever was pickled for ``.pt``."""
-    data = read_bytes(path)
-    if _is_safetensors(data):
-        return safetensors_load(data)
+    """The raw object in a weights file: a dict of tensors for safetensors, whatever was pickled for ``.pt``.
+
+    Local files are opened in place (no copy into memory first); remote ones are read whole via ``storage.fs``."""
+    local = _local_path(path)
+    if local is not None:
+        with open(local, "rb") as f:
+            head = f.read(9)
+        if _is_safetensors(head, os.path.getsize(local)):
+            return safetensors_load_file(local, device="cpu")
+        source: Any = local
+    else:
+        data = read_bytes(path)
+        if _is_safetensors(data):
+            return safetensors_load(data)
+        source = None
+
+    def load(weights_only: bool) -> Any:
+        f = source if source is not None else io.BytesIO(data)
+        return torch.load(f, map_location="cpu", weights_only=weights_only)
+
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return load(weights_only=True)
     except pickle.UnpicklingError:
         # Full official training checkpoints pickle an OmegaConf config, which the safe loader refuses.
         log(f"{path}: not a plain tensor pickle; loading it as a full training checkpoint (weights_only=False)")
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        return load(weights_only=False)
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,34 +158,18 @@ def apply_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
 
 def save_weights(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str,
                  metadata: Mapping[str, Any] | None = None) -> None:
-    """Write a safetensors file (local path or fsspec URL). Non-string metadata values are JSON-encoded."""
+    """Write a safetensors file (local path or ``storage.fs`` URL). Non-string metadata values are JSON-encoded."""
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in strip_wrapper_prefixes(state).items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    data = safetensors_save(tensors, metadata=meta)
-    path = str(path)
-    if "://" in path and not path.startswith("file://"):
-        with fsspec.open(path, "wb") as f:
-            f.write(data)
-        return
-    # Local: write a sibling temp file then rename, so a reader never sees a half-written file.
-    local = path[len("file://"):] if path.startswith("file://") else path
-    directory = os.path.dirname(os.path.abspath(local))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, local)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # storage.fs: local writes go to a temp file and are renamed (a reader never sees a half-written file),
+    # remote ones are a single PUT with the project's S3 settings.
+    fs.write_bytes(str(path), safetensors_save(tensors, metadata=meta))
 
 
 def read_weights_metadata(path: str) -> dict[str, str]:
     """String metadata of a safetensors file written by ``save_weights`` (reads only the header)."""
-    with fsspec.open(str(path), "rb") as f:
+    with fs.open(str(path), "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file")

@@ -77,6 +77,37 @@ def test_safetensors_round_trip_with_metadata_local_and_fsspec(tmp_path):
     assert_same_weights(load_weights(tiny(0), "memory://ckpts/ema.pt"), source)
 
 
+def test_s3_weights_use_the_project_endpoint_settings(moto_s3, monkeypatch, tmp_path):
+    """s3:// goes through storage.fs, so the endpoint/credentials come from SFD_S3_ENDPOINT_URL etc.; plain
+    fsspec (no endpoint) would try AWS itself and fail."""
+    from storage import fs
+
+    moto_s3.apply_env(monkeypatch)
+    fs.clear_filesystem_cache()
+    source = randomized(6)
+    root = moto_s3.fresh_url()
+    save_weights(source, fs.join(root, "ema.safetensors"), metadata={"step": 7})
+    assert fs.exists(fs.join(root, "ema.safetensors"))
+    assert_same_weights(load_weights(tiny(0), fs.join(root, "ema.safetensors")), source)
+    assert read_weights_metadata(fs.join(root, "ema.safetensors")) == {"step": "7"}
+    # An official full training checkpoint (.pt with a pickled config) uploaded with boto3 directly.
+    torch.save({"ema": prefixed(source.state_dict()), "config": argparse.Namespace(x=1)}, tmp_path / "ckpt.pt")
+    key = fs.join(root, "0400000.pt").split(f"s3://{moto_s3.bucket}/", 1)[1]
+    moto_s3.client().put_object(Bucket=moto_s3.bucket, Key=key, Body=(tmp_path / "ckpt.pt").read_bytes())
+    assert_same_weights(load_weights(tiny(0), fs.join(root, "0400000.pt")), source)
+
+
+def test_local_files_and_file_urls_load_in_place(tmp_path):
+    source = randomized(7)
+    save_weights(source, str(tmp_path / "w.safetensors"))
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    for path in (str(tmp_path / "w.safetensors"), f"file://{tmp_path}/w.safetensors", str(tmp_path / "w.pt"),
+                 f"file://{tmp_path}/w.pt"):
+        assert_same_weights(load_weights(tiny(0), path), source)
+    with pytest.raises(FileNotFoundError):
+        load_weights(tiny(0), str(tmp_path / "missing.pt"))
+
+
 def test_save_strips_compile_and_ddp_prefixes(tmp_path):
     source = randomized(4)
     save_weights(prefixed(prefixed(source.state_dict(), "_orig_mod."), "module."), str(tmp_path / "w.safetensors"))
