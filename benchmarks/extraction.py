@@ -215,6 +215,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny networks at 32 px, no compile")
+    parser.add_argument("--encoders", default="texture,dinov2", help="which encoders to measure")
     parser.add_argument("--json", default=None, help="output path (default $OUT/extraction.json)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -228,7 +229,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images = photo_batch(max(args.batch, args.dino_batch, NAIVE_BATCH), args.resolution)
-    results = [bench_texture(args, device, images), bench_dino(args, device, images)]
+    benches = {"texture": bench_texture, "dinov2": bench_dino}
+    results = [benches[name](args, device, images) for name in args.encoders.split(",")]
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "resolution": args.resolution, "batch": args.batch,
               "dino_batch": args.dino_batch, "naive_batch": NAIVE_BATCH, "compile": args.compile,
