@@ -8,7 +8,8 @@ the texture drift is active iff ``tau >= delta_t`` and the semantic drift iff ``
 Methods: ``euler`` (the official fixed-grid Euler, N grid points = N - 1 updates, drift at each step's left
 point), ``heun`` (explicit trapezoid on the same grid; both stages of a step use the phase of the step's
 interior, so it stays second order when the phase boundaries are grid points) and ``dopri5`` (adaptive,
-torchdiffeq, the official default; the grid only fixes the end time, so only the two end points are passed).
+torchdiffeq, the official default; the grid only fixes the end time, so only the two end points are passed;
+``dopri5_per_phase`` restarts it at each phase boundary).
 """
 from __future__ import annotations
 
@@ -88,12 +89,31 @@ def _heun(drift: SemanticFirstDrift, x: torch.Tensor, grid: list[float]) -> torc
 
 
 def _dopri5(drift: SemanticFirstDrift, x: torch.Tensor, start: float, end: float, atol: float,
-            rtol: float) -> torch.Tensor:
+            rtol: float, masks: tuple[bool, bool] | None = None, land_on_end: bool = False) -> torch.Tensor:
     from torchdiffeq import odeint
 
     # Adaptive steps do not depend on the output times, so the end points give the official final state.
+    # torchdiffeq steps past ``end`` and interpolates back; ``land_on_end`` makes the last step stop at ``end``.
     times = torch.tensor([start, end], dtype=x.dtype, device=x.device)
-    return odeint(lambda t, y: drift(float(t), y), x, times, method="dopri5", atol=atol, rtol=rtol)[-1]
+    options = dict(step_t=times[1:]) if land_on_end else None
+    return odeint(lambda t, y: drift(float(t), y, masks), x, times, method="dopri5", atol=atol, rtol=rtol,
+                  options=options)[-1]
+
+
+def phase_intervals(delta_t: float) -> list[tuple[float, float]]:
+    """The pieces of [0, 1 + delta_t] between the phase boundaries (delta_t and 1), empty ones dropped."""
+    points = sorted({0.0, delta_t, 1.0, 1.0 + delta_t})
+    return [(a, b) for a, b in zip(points[:-1], points[1:]) if b > a]
+
+
+def _dopri5_per_phase(drift: SemanticFirstDrift, x: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
+    """dopri5 restarted at every phase boundary, each phase with its own (constant) masks and its last step
+    landing on the boundary, so every evaluation lies inside the phase: no step straddles a mask jump or the
+    clamp of a stream time, and the adaptive error control sees a smooth right-hand side."""
+    for start, end in phase_intervals(drift.delta_t):
+        x = _dopri5(drift, x, start, end, atol, rtol, phase_masks(0.5 * (start + end), drift.delta_t),
+                    land_on_end=True)
+    return x
 
 
 @contextmanager
@@ -142,8 +162,8 @@ def _velocity_fn(model, labels: torch.Tensor, semantic_channels: int, cfg_scale:
 def sample(model, noise: torch.Tensor, labels: torch.Tensor, *, num_steps: int, method: str = "euler",
            delta_t: float, semantic_channels: int, cfg_scale: float = 1.0, cfg_interval_start: float = 0.0,
            guidance_model=None, guidance_scale_sem: float | None = None, guidance_scale_tex: float | None = None,
-           timestep_shift: float = 0.0, atol: float = 1e-6, rtol: float = 1e-3, return_nfe: bool = False,
-           autocast_dtype: torch.dtype | None = None):
+           timestep_shift: float = 0.0, atol: float = 1e-6, rtol: float = 1e-3, dopri5_per_phase: bool = False,
+           return_nfe: bool = False, autocast_dtype: torch.dtype | None = None):
     """Integrate noise [B, C, H, W] from global time 0 to 1 + delta_t; returns the final composite latent
     (and the number of drift evaluations when ``return_nfe``).
 
@@ -151,9 +171,15 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, *, num_steps: int, 
     (all channels, interval start per stream); AutoGuidance ``v_bad + s (v_good - v_bad)`` when a weak
     ``guidance_model`` is given, with ``s`` = ``guidance_scale_tex`` / ``guidance_scale_sem`` per channel group
     (each defaults to ``cfg_scale``). Models are put in eval mode for the call and restored afterwards.
+
+    ``dopri5`` integrates 0 -> 1 + delta_t in one adaptive run like the official sampler (the mask jumps at
+    delta_t and 1 are seen only through step rejection). ``dopri5_per_phase=True`` (opt-in, not official)
+    restarts the solver at each phase boundary instead, so no step crosses a discontinuity.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if dopri5_per_phase and method != "dopri5":
+        raise ValueError(f"dopri5_per_phase applies to method 'dopri5' only, got {method!r}")
     if guidance_model is None and (guidance_scale_sem is not None or guidance_scale_tex is not None):
         raise ValueError("separate semantic/texture scales are AutoGuidance settings and need a guidance_model; "
                          "CFG uses cfg_scale on all channels")
@@ -172,6 +198,8 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, *, num_steps: int, 
             x = _euler(drift, noise, grid)
         elif method == "heun":
             x = _heun(drift, noise, grid)
+        elif dopri5_per_phase:
+            x = _dopri5_per_phase(drift, noise, atol, rtol)
         else:
             x = _dopri5(drift, noise, grid[0], grid[-1], atol, rtol)
     return (x, drift.nfe) if return_nfe else x

@@ -11,7 +11,7 @@ from torchdiffeq import odeint
 
 from sfd_core.models import build_model
 from sfd_core.sampling import (SemanticFirstDrift, balanced_labels, decode_texture, labels_for_indices,
-                               phase_masks, sample, time_grid)
+                               phase_intervals, phase_masks, sample, time_grid)
 
 DTYPE = torch.float64
 
@@ -163,6 +163,63 @@ def test_dopri5_converges_through_the_phase_boundaries():
                       atol=atol, rtol=rtol) - exact).abs().max().item()
               for atol, rtol in ((1e-8, 1e-6), (1e-10, 1e-8))]
     assert errors[1] < 1e-6 < errors[0] < 1e-3
+
+
+@pytest.mark.parametrize("dt", [0.0, 0.3, 1.0, 1.5])
+def test_dopri5_per_phase_is_accurate_at_official_tolerances(dt):
+    # Restarting at tau = dt and tau = 1 keeps every step inside one phase: at the official tolerances the
+    # error drops from ~5e-2 (one run, jumps seen only through step rejection) to the tolerance level.
+    tex, sem = 2, 2
+    field = _block_field(tex, sem, seed=6)
+    noise = _noise((2, tex + sem, 1, 1))
+    exact = _exact_block_solution(field, noise, tex)
+    scale = exact.abs().max().item()
+    official = sample(field, noise, None, num_steps=250, method="dopri5", delta_t=dt, semantic_channels=sem)
+    per_phase, nfe = sample(field, noise, None, num_steps=250, method="dopri5", delta_t=dt, semantic_channels=sem,
+                            dopri5_per_phase=True, return_nfe=True)
+    per_phase_err, official_err = (per_phase - exact).abs().max().item(), (official - exact).abs().max().item()
+    assert per_phase_err < 1e-3 * scale < 1e-2 * scale < official_err
+    assert nfe < 100
+    tight = sample(field, noise, None, num_steps=250, method="dopri5", delta_t=dt, semantic_channels=sem,
+                   dopri5_per_phase=True, atol=1e-10, rtol=1e-9)
+    assert (tight - exact).abs().max().item() < 1e-7 * scale
+    # Phase pieces in order; empty ones (dt = 0) are skipped.
+    expected_pieces = {0.0: [(0.0, 1.0)], 0.3: [(0.0, 0.3), (0.3, 1.0), (1.0, 1.3)],
+                       1.0: [(0.0, 1.0), (1.0, 2.0)], 1.5: [(0.0, 1.0), (1.0, 1.5), (1.5, 2.5)]}[dt]
+    pieces = phase_intervals(dt)
+    assert len(pieces) == len(expected_pieces)
+    assert [x for piece in pieces for x in piece] == pytest.approx([x for piece in expected_pieces for x in piece])
+
+
+class RecordingDrift(SemanticFirstDrift):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.seen: list[tuple[float, tuple[bool, bool] | None]] = []
+
+    def __call__(self, tau, x, masks=None):
+        self.seen.append((tau, masks))
+        return super().__call__(tau, x, masks)
+
+
+def test_dopri5_per_phase_evaluates_only_inside_each_phase():
+    from sfd_core.sampling import _dopri5, _dopri5_per_phase
+
+    field = _block_field(2, 2, seed=7)
+    noise = _noise((1, 4, 1, 1))
+    drift = RecordingDrift(lambda x, t_tex, t_sem: field(x, (t_tex, t_sem), None), 0.3, 2)
+    _dopri5_per_phase(drift, noise, atol=1e-6, rtol=1e-3)
+    phase_of = {(False, True): (0.0, 0.3), (True, True): (0.3, 1.0), (True, False): (1.0, 1.3)}
+    assert {masks for _, masks in drift.seen} == set(phase_of)
+    for tau, masks in drift.seen:  # each phase's last step lands on its end: nothing outside the phase
+        start, end = phase_of[masks]
+        assert start - 1e-12 <= tau <= end + 1e-12, (tau, masks)
+    # The official single run steps past 1 + dt and interpolates back (kept as the default behaviour).
+    official = RecordingDrift(drift.velocity, 0.3, 2)
+    _dopri5(official, noise, 0.0, 1.3, atol=1e-6, rtol=1e-3)
+    assert max(tau for tau, _ in official.seen) > 1.3
+    with pytest.raises(ValueError, match="dopri5_per_phase"):
+        sample(field, noise, None, num_steps=10, method="heun", delta_t=0.3, semantic_channels=2,
+               dopri5_per_phase=True)
 
 
 def _tiny_model(seed: int) -> nn.Module:
