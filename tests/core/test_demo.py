@@ -33,3 +33,17 @@ def test_loss_summary_slices_cover_every_step():
     assert rows[0]["first"] == 1 and rows[-1]["last"] == 11
     assert sum(r["last"] - r["first"] + 1 for r in rows) == 11
     assert rows[0]["loss"] == 2.0  # mean of 1, 2, 3
+
+
+def test_module_entry_point_prints_the_loss_curve():
+    import subprocess
+    import sys
+    import time
+
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "sfd_core.demo", "--set", "steps=20", "--set", "log_every=10",
+                          "--set", "sample_steps=4", "--set", "samples_per_class=2"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    text = out.stdout + out.stderr
+    assert "loss curve" in text and "nearest-class-mean accuracy" in text
+    assert time.monotonic() - start < 60

@@ -308,13 +308,17 @@ def test_autoguidance_uses_separate_semantic_and_texture_scales():
         sample(good, noise, labels, num_steps=3, delta_t=0.3, semantic_channels=2, guidance_scale_sem=2.0)
 
 
-def test_sampling_is_deterministic_restores_training_mode_and_supports_bf16_autocast():
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_sampling_is_deterministic_restores_training_mode_and_supports_bf16_autocast(method):
     model = _tiny_model(4).train()
     noise, labels = _noise((2, 6, 4, 4), dtype=torch.float32), torch.tensor([0, 1])
-    kwargs = dict(num_steps=6, method="heun", delta_t=0.3, semantic_channels=2)
+    kwargs = dict(num_steps=6, method=method, delta_t=0.3, semantic_channels=2)
     a = sample(model, noise, labels, **kwargs)
     assert model.training  # eval inside (no label dropout, no REPA tuple), restored after
     assert torch.equal(a, sample(model, noise, labels, **kwargs))
+    # Same seed -> same noise -> bit-identical samples from a freshly built model.
+    noise_again = _noise((2, 6, 4, 4), dtype=torch.float32)
+    assert torch.equal(a, sample(_tiny_model(4), noise_again, labels, **kwargs))
     low = sample(model, noise, labels, autocast_dtype=torch.bfloat16, **kwargs)
     assert low.dtype == torch.float32 and not torch.equal(low, a)
     assert torch.allclose(low, a, atol=0.1 * a.abs().max().item())
@@ -339,3 +343,20 @@ def test_decode_texture_denormalises_texture_channels_only():
     assert out.shape == (2, 3, 2, 2)
     for c in range(3):
         assert torch.allclose(out[:, c], latent[:, c] * std[c].item() / 0.5 + mean[c].item(), atol=1e-15)
+
+
+def test_public_api_signatures():
+    """The names other stages and users call (issue 2): build_model, load_weights, sample."""
+    import inspect
+
+    from sfd_core.checkpoints import load_weights
+
+    assert list(inspect.signature(build_model).parameters) == ["name", "overrides"]
+    assert list(inspect.signature(load_weights).parameters)[:2] == ["model", "path"]
+    params = inspect.signature(sample).parameters
+    assert list(params)[:3] == ["model", "noise", "labels"]
+    keyword_only = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert {"num_steps", "method", "delta_t", "semantic_channels", "cfg_scale", "cfg_interval_start",
+            "guidance_model", "guidance_scale_sem", "guidance_scale_tex", "timestep_shift", "atol", "rtol",
+            "dopri5_per_phase"} <= keyword_only
+    assert params["guidance_model"].default is None and params["dopri5_per_phase"].default is False
