@@ -173,6 +173,24 @@ class LightningDiT(nn.Module):
         velocity, projection = self.run_backbone(x, c, with_repa)
         return (velocity, projection) if with_repa else velocity
 
+    def conditional_velocity(self, x: torch.Tensor, t: Timesteps, y: torch.Tensor) -> torch.Tensor:
+        """The velocity for labels ``y`` whatever the mode: no label dropout, no REPA output."""
+        c = self.embed_timesteps(t, x.shape[0]) + self.y_embedder(y)
+        return self.run_backbone(x, c, with_repa=False)[0]
+
+    def forward_with_autoguidance(self, x: torch.Tensor, t: Timesteps, y: torch.Tensor, guidance_model: nn.Module,
+                                  cfg_scale: float, cfg_scale_sem: float | None = None,
+                                  cfg_scale_tex: float | None = None) -> torch.Tensor:
+        """AutoGuidance (official ``forward_with_autoguidance``): ``v_weak + s (v_self - v_weak)`` with the weak
+        ``guidance_model`` conditional on the same labels and times; the semantic / texture channels use
+        ``cfg_scale_sem`` / ``cfg_scale_tex`` (each defaults to ``cfg_scale``)."""
+        v_good = self.conditional_velocity(x, t, y)
+        weak = getattr(guidance_model, "conditional_velocity", None)
+        v_bad = weak(x, t, y) if weak is not None else guidance_model(x, t, y)
+        scale_tex = cfg_scale if cfg_scale_tex is None else cfg_scale_tex
+        scale_sem = cfg_scale if cfg_scale_sem is None else cfg_scale_sem
+        return guided_velocity(v_good, v_bad, scale_tex, scale_sem, self.semantic_channels)
+
     def forward_with_cfg(self, x: torch.Tensor, t: Timesteps, y: torch.Tensor, cfg_scale: float,
                          interval_start: float = 0.0) -> torch.Tensor:
         """Classifier-free guidance on all channels: one doubled batch (labels ``y`` and the null label).

@@ -240,11 +240,12 @@ def test_init_follows_spec():
     assert not model.eval()(x, t, y).any()
 
 
-def test_training_mode_returns_repa_projection_of_block_two():
-    model = randomize(tiny_sfd(repa_out_dim=12)).train()
+@pytest.mark.parametrize("repa_depth", [1, 2])
+def test_training_mode_returns_repa_projection_of_the_configured_block(repa_depth):
+    model = randomize(tiny_sfd(repa_out_dim=12, repa_depth=repa_depth)).train()
     x, t, y = sfd_inputs()
     captured = {}
-    model.blocks[1].register_forward_hook(lambda m, i, o: captured.setdefault("tokens", o))
+    model.blocks[repa_depth - 1].register_forward_hook(lambda m, i, o: captured.setdefault("tokens", o))
     velocity, projection = model(x, t, y, drop_labels=torch.zeros(3, dtype=torch.bool))
     assert velocity.shape == x.shape and projection.shape == (3, 16, 12)
     torch.testing.assert_close(projection, model.repa_projector(captured["tokens"]))
@@ -297,6 +298,29 @@ def test_guided_velocity_separate_scales():
     torch.testing.assert_close(out[:, 4:], v_bad[:, 4:] + 2.5 * (v_good[:, 4:] - v_bad[:, 4:]))
     same = guided_velocity(v_good, v_bad, 1.5, semantic_channels=2)
     torch.testing.assert_close(same, v_bad + 1.5 * (v_good - v_bad))
+
+
+def test_autoguidance_forward_matches_float64_hand_combination():
+    from sfd_core.models import autoguidance_velocity
+
+    good = randomize(tiny_sfd(), seed=1)
+    weak = randomize(tiny_sfd(), seed=2).eval()
+    x, t, y = sfd_inputs()
+    with torch.no_grad():
+        v_good, v_weak = good.eval()(x, t, y).double(), weak(x, t, y).double()
+        expected = torch.cat([v_weak[:, :32] + 1.7 * (v_good[:, :32] - v_weak[:, :32]),
+                              v_weak[:, 32:] + 1.2 * (v_good[:, 32:] - v_weak[:, 32:])], dim=1)
+        # Train mode on purpose: the guided forward uses no label dropout and returns no REPA tuple.
+        out = good.train().forward_with_autoguidance(x, t, y, weak, 1.5, cfg_scale_sem=1.2, cfg_scale_tex=1.7)
+        same = good.forward_with_autoguidance(x, t, y, weak, 1.5)
+        unguided = good.forward_with_autoguidance(x, t, y, weak, 1.0)
+        generic = autoguidance_velocity(good.eval(), weak, x, t, y, 1.7, 1.2)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    assert (expected - (v_weak + 1.5 * (v_good - v_weak))).abs().max() > 1e-2  # the scales matter
+    torch.testing.assert_close(out.double(), expected, **tol)
+    torch.testing.assert_close(same.double(), v_weak + 1.5 * (v_good - v_weak), **tol)
+    torch.testing.assert_close(generic.double(), expected, **tol)
+    torch.testing.assert_close(unguided.double(), v_good, **tol)
 
 
 def test_plain_lightningdit_has_single_timestep_embedder():
