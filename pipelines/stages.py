@@ -21,7 +21,7 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {s.asset: s for s in [
-    StageSpec("imagenet_shards", "sfd_core.imagenet_shards", "1", "data",
+    StageSpec("imagenet_shards", "sfd_core.imagenet_shards", "2", "data",  # 2: shuffled shard order
               "ImageNet-style images as WebDataset tars (ADM center crop to the profile resolution).",
               gpu=False),
     StageSpec("texture_latents", "sfd_core.extract_features", "1", "features",

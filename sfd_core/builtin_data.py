@@ -67,28 +67,52 @@ def load_photo(class_name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array[..., :3]), mode="RGB")
 
 
-def iter_class(class_name: str, images_per_class: int, seed: int = 0) -> Iterator[BuiltinSample]:
-    """The ``images_per_class`` images of one class, in key order."""
+class CropPlan(NamedTuple):
+    """How image ``i`` of a class is made from the photo: ``box`` (left, top, right, bottom) or None for the
+    whole photo, mirrored when ``flip``; ``source`` describes it."""
+    key: str
+    box: tuple[int, int, int, int] | None
+    flip: bool
+    source: str
+
+
+def class_plan(class_name: str, images_per_class: int, seed: int = 0, size: tuple[int, int] | None = None
+               ) -> list[CropPlan]:
+    """The crops of one class in key order, without making them (cheap; ``size`` = the photo's size if known)."""
     class_index = CLASS_NAMES.index(class_name)
-    photo = load_photo(class_name)
-    width, height = photo.size
+    width, height = size if size is not None else load_photo(class_name).size
     rng = np.random.default_rng([seed, class_index])
     origin = PHOTOS[class_name][1]
+    plan = []
     for i in range(images_per_class):
         key = f"{class_name}_{i:05d}"
         if i == 0:
-            yield BuiltinSample(key, class_index, class_name, photo, f"{origin} full {width}x{height}")
+            plan.append(CropPlan(key, None, False, f"{origin} full {width}x{height}"))
             continue
         crop_w = int(rng.integers(int(MIN_CROP_FRACTION * width), width + 1))
         crop_h = int(rng.integers(int(MIN_CROP_FRACTION * height), height + 1))
         left = int(rng.integers(0, width - crop_w + 1))
         top = int(rng.integers(0, height - crop_h + 1))
         flip = bool(rng.integers(0, 2))
-        image = photo.crop((left, top, left + crop_w, top + crop_h))
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         desc = f"{origin} crop x={left} y={top} w={crop_w} h={crop_h}{' hflip' if flip else ''}"
-        yield BuiltinSample(key, class_index, class_name, image, desc)
+        plan.append(CropPlan(key, (left, top, left + crop_w, top + crop_h), flip, desc))
+    return plan
+
+
+def make_image(photo: Image.Image, plan: CropPlan) -> Image.Image:
+    """The image ``plan`` describes, cut from its class's ``photo``."""
+    if plan.box is None:
+        return photo
+    image = photo.crop(plan.box)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flip else image
+
+
+def iter_class(class_name: str, images_per_class: int, seed: int = 0) -> Iterator[BuiltinSample]:
+    """The ``images_per_class`` images of one class, in key order."""
+    class_index = CLASS_NAMES.index(class_name)
+    photo = load_photo(class_name)
+    for plan in class_plan(class_name, images_per_class, seed, photo.size):
+        yield BuiltinSample(plan.key, class_index, class_name, make_image(photo, plan), plan.source)
 
 
 def iter_builtin(images_per_class: int, seed: int = 0) -> Iterator[BuiltinSample]:

@@ -16,11 +16,21 @@ part marker, so a killed run resumes at the first unmarked chunk. Ranks (``rank`
 environment) take contiguous, disjoint chunk ranges; rank 0 creates the arrays before anyone writes and writes
 the manifest once every chunk is marked. Texture stats (per-channel mean and unbiased std over ``stats_samples``
 seeded rows of ``texture``) are merged from per-chunk partial moments kept in the chunk markers.
+
+Bad input: rows must stay aligned with the shards (and between the texture and DINOv2 stores), so a damaged shard
+is never skipped: a shard that is missing, truncated (fewer or more samples than the shards manifest's
+``per_shard`` count, or a tar cut inside a member), or holds an image or label that cannot be decoded stops the
+stage with an error naming the shard, the sample and how to rebuild it. Undecodable *source* images were
+already skipped (and counted) by ``imagenet_shards``. A shard stream broken by a storage outage is reopened with
+backoff and continues at the next sample; when storage stays down past the retries the stage stops saying so,
+and a rerun resumes at the first unmarked chunk.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import random
+import tarfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -144,32 +154,117 @@ def sample_noise(seed: int, index: int, flipped: bool, shape: Sequence[int]) -> 
 
 # ------------------------------------------------------------------------------------------------ reading
 
+class CorruptShardError(RuntimeError):
+    """A shard of the imagenet_shards output cannot be read as its manifest describes."""
+
+
+def _rebuild_hint(url: str) -> str:
+    name = fs.basename(url).removesuffix(".tar")
+    return (f"rebuild it: delete {name}.json under the imagenet_shards stage's _parts/ and its _SUCCESS.json, "
+            "then rerun imagenet_shards (only that shard is redone) and this stage")
+
+
+def _retry_attempts() -> int:
+    return int(os.environ.get(fs.RETRY_ATTEMPTS_ENV_VAR, fs.DEFAULT_RETRY_ATTEMPTS))
+
+
+def read_shard(url: str, count: int, stop: int | None = None) -> Iterator[dict[str, Any]]:
+    """Samples ``[0, stop)`` (default: all) of a shard the manifest says holds ``count`` samples, each with
+    ``__url__`` and ``__index__`` set. Read to its end, the shard must hold exactly ``count`` samples. A transient
+    storage error reopens the shard (backoff as ``storage.fs.retrying``) and continues after the last sample;
+    anything else raises ``CorruptShardError`` naming the shard."""
+    stop = count if stop is None else min(stop, count)
+    delivered, failures = 0, 0
+    while True:
+        position = 0
+        try:
+            for sample in iter_shard(url):
+                if position >= stop:
+                    if stop == count:  # read to the end: one more sample means the count is wrong
+                        raise CorruptShardError(f"{url}: shard holds more than the {count} samples the shards "
+                                                f"manifest lists; {_rebuild_hint(url)}")
+                    return
+                if position >= delivered:
+                    sample["__url__"], sample["__index__"] = url, position
+                    yield sample
+                    delivered += 1
+                position += 1
+            if position < stop:
+                raise CorruptShardError(f"{url}: shard ends after {position} samples, the shards manifest says "
+                                        f"{count} (truncated tar?); {_rebuild_hint(url)}")
+            return
+        except CorruptShardError:
+            raise
+        except Exception as error:  # noqa: BLE001 - classified right below
+            failures += 1
+            if fs.is_transient(error) and failures < _retry_attempts():
+                time.sleep(min(10.0, 0.25 * 2 ** (failures - 1)) * (0.5 + 0.5 * random.random()))
+                continue
+            if fs.is_transient(error):
+                raise RuntimeError(f"{url}: storage error reading the shard after {failures} attempts "
+                                   f"({type(error).__name__}: {error}); rerun to resume") from error
+            if isinstance(error, FileNotFoundError):
+                raise CorruptShardError(f"{url}: shard listed in the shards manifest is missing; "
+                                        f"{_rebuild_hint(url)}") from error
+            if isinstance(error, (tarfile.TarError, EOFError, ValueError)):
+                raise CorruptShardError(f"{url}: cannot read sample {position} of {count} ({type(error).__name__}: "
+                                        f"{error}); the tar is damaged; {_rebuild_hint(url)}") from error
+            raise
+
+
 def iter_rows(shard_urls: Sequence[str], shard_counts: Sequence[int], start: int, stop: int
               ) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(row, raw sample)`` for rows ``[start, stop)`` of the shards taken in order; shards before ``start`` are
-    not opened, earlier samples of the first shard are read past without decoding."""
+    not opened, earlier samples of the first shard are read past without decoding. Every shard read to its end
+    is checked against its manifest count (``read_shard``), so rows never shift to another shard's labels."""
     first_row = 0
     for url, count in zip(shard_urls, shard_counts):
         if first_row + count > start and first_row < stop:
-            row = first_row
-            for sample in iter_shard(url):
-                if row >= stop:
-                    break
+            for sample in read_shard(url, count, stop - first_row):
+                row = first_row + sample["__index__"]
                 if row >= start:
                     yield row, sample
-                row += 1
-            if row < min(stop, first_row + count):
-                raise RuntimeError(f"{url}: shard ends after {row - first_row} samples, the manifest says {count}")
         first_row += count
         if first_row >= stop:
             return
 
 
+def validate_shards_manifest(manifest: dict[str, Any], shards_url: str) -> tuple[list[str], list[int]]:
+    """Shard URLs and per-shard counts of an imagenet_shards manifest, checked for internal consistency."""
+    where = f"extract_features.shards_url: {shards_url}/_SUCCESS.json"
+    try:
+        urls, counts = list(manifest["artifacts"]["shards"]), [int(c) for c in manifest["counts"]["per_shard"]]
+        total, listed = int(manifest["counts"]["images"]), int(manifest["counts"]["shards"])
+        int(manifest["config"]["resolution"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"{where} is not an imagenet_shards manifest (missing or bad {error})") from error
+    if len(urls) != len(counts) or len(urls) != listed:
+        raise ConfigError(f"{where} lists {len(urls)} shard URLs, {len(counts)} per-shard counts and "
+                          f"counts.shards={listed}; they must agree")
+    if any(c < 0 for c in counts) or sum(counts) != total:
+        raise ConfigError(f"{where}: per-shard counts {counts} do not add up to counts.images={total}")
+    return urls, counts
+
+
 def image_tensor(sample: dict[str, Any]) -> torch.Tensor:
     data = sample.get("jpg", sample.get("png"))
+    where = f"{sample.get('__url__', 'shard')}: sample {sample.get('__key__')!r}"
     if data is None:
-        raise ValueError(f"sample {sample.get('__key__')!r} has no jpg or png image")
-    return torch.from_numpy(load_rgb_array(data)).permute(2, 0, 1)
+        raise CorruptShardError(f"{where} has no jpg or png image; {_rebuild_hint(sample.get('__url__', ''))}")
+    try:
+        return torch.from_numpy(load_rgb_array(data)).permute(2, 0, 1)
+    except Exception as error:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError... on bad bytes
+        raise CorruptShardError(f"{where} (#{sample.get('__index__')} in the shard): image cannot be decoded "
+                                f"({type(error).__name__}: {error}); {_rebuild_hint(sample.get('__url__', ''))}"
+                                ) from error
+
+
+def sample_label(sample: dict[str, Any]) -> int:
+    try:
+        return int(sample["cls"])
+    except (KeyError, ValueError) as error:
+        raise CorruptShardError(f"{sample.get('__url__', 'shard')}: sample {sample.get('__key__')!r} has no valid "
+                                f"cls label ({error!r}); {_rebuild_hint(sample.get('__url__', ''))}") from error
 
 
 class ChunkBatches(IterableDataset):
@@ -211,7 +306,7 @@ class ChunkBatches(IterableDataset):
                 assert samples[0][0] == batch_start
                 batch = {"chunk": chunk_id, "start": batch_start,
                          "images": torch.stack([image_tensor(s) for _, s in samples]),
-                         "labels": torch.tensor([int(s["cls"]) for _, s in samples], dtype=torch.int64)}
+                         "labels": torch.tensor([sample_label(s) for _, s in samples], dtype=torch.int64)}
                 if self.noise_shape:
                     for key, flipped in (("noise", False), ("noise_flip", True)):
                         batch[key] = torch.stack([sample_noise(self.seed, i, flipped, self.noise_shape)
@@ -392,7 +487,7 @@ def run(cfg: Config) -> dict[str, Any]:
         return done
     rank, world = rank_and_world(cfg)
     shards = _read_shards_manifest(cfg)
-    shard_urls, shard_counts = shards["artifacts"]["shards"], shards["counts"]["per_shard"]
+    shard_urls, shard_counts = validate_shards_manifest(shards, cfg.shards_url)
     num_rows, resolution = int(sum(shard_counts)), int(shards["config"]["resolution"])
     device = resolve_device(cfg.device)
     set_precision(cfg.precision)
@@ -412,9 +507,16 @@ def run(cfg: Config) -> dict[str, Any]:
     log(f"{STAGE_OF[cfg.encoder]}: rank {rank}/{world} on {device}: {len(mine)} of {len(chunks)} chunks to do, "
         f"{num_rows} images x2 (flip) -> {shape} per image")
     started = time.monotonic()
-    encoded = _encode_chunks(cfg, encoder, device, shard_urls, shard_counts, mine, arrays, markers,
-                             stats_rows(num_rows, cfg.stats_samples, cfg.seed) if cfg.encoder == "texture" else None,
-                             shape)
+    try:
+        encoded = _encode_chunks(cfg, encoder, device, shard_urls, shard_counts, mine, arrays, markers,
+                                 stats_rows(num_rows, cfg.stats_samples, cfg.seed) if cfg.encoder == "texture"
+                                 else None, shape)
+    except Exception as error:
+        if fs.is_transient(error):  # storage.fs already retried with backoff: the store is down for longer
+            raise RuntimeError(f"{STAGE_OF[cfg.encoder]}: storage still failing after retries while reading shards "
+                               f"or writing {cfg.out_url} ({type(error).__name__}: {error}); the chunks committed "
+                               "so far stay done: rerun the stage to resume") from error
+        raise
     seconds = time.monotonic() - started
     if rank != 0:
         _wait_for(lambda: read_success(cfg.out_url) is not None, cfg.wait_timeout_s, "rank 0's manifest")

@@ -6,14 +6,22 @@ Sources: ``builtin:tiny`` (sfd_core.builtin_data), a folder ``<class>/**/<image>
 rules: sorted class folders give the labels, files sorted within a class), a validation folder of flat images
 with ``val_labels_file``, or a ``.tar`` of either (a tar of per-class tars, like ILSVRC2012_img_train.tar, too).
 
-Shard ``k`` holds source items ``[k * images_per_shard, (k + 1) * images_per_shard)`` minus the ones that cannot
-be decoded, so a shard's content depends only on its own items: a killed run resumes by skipping shards whose
-part marker exists and gives byte-identical shards. Each sample is ``{key}.jpg|png`` (the crop), ``{key}.cls``
-(label) and ``{key}.json`` (source, original size, source mode, class).
+Order: the sorted (ImageFolder) item list is shuffled (``shuffle``, default on) by sorting on
+``blake2b(f"{seed}/{key}")``, a seeded permutation that depends on no library's RNG stream, so every shard (and
+every Zarr chunk downstream, whose rows follow the shards) mixes classes; ``limit`` takes the first items of that
+order. Keys and labels are the source's. Shard ``k`` holds items ``[k * images_per_shard, (k + 1) *
+images_per_shard)`` of the ordered list minus the ones that cannot be decoded, so a shard's content depends only on
+its own items: a killed run resumes by skipping shards whose part marker exists and gives byte-identical shards.
+Each sample is ``{key}.jpg|png`` (the crop), ``{key}.cls`` (label) and ``{key}.json`` (source, original size,
+source mode, class).
+
+Storage errors are retried with backoff by ``storage.fs``; when the retries run out (the store stays down) the
+stage stops with an error that says how many shards are committed, and a rerun resumes from there.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import multiprocessing
 import os
 import re
@@ -28,7 +36,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from PIL import Image
 
 from sfd_core.builtin_data import CLASS_NAMES as BUILTIN_CLASS_NAMES
-from sfd_core.builtin_data import iter_builtin
+from sfd_core.builtin_data import class_plan, load_photo, make_image
 from sfd_core.config import ConfigError, load_config
 from sfd_core.imaging import (DEFAULT_MAX_PIXELS, IMAGE_FORMATS, center_crop_arr, decode_image, encode_image,
                               needs_upscale)
@@ -39,7 +47,7 @@ from storage.parts import PartMarkers
 from storage.shards import write_shard
 
 STAGE = "imagenet_shards"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: shuffled shard order
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("tiny",)
 # torchvision's ImageFolder extensions, so the same files count as images.
@@ -64,8 +72,9 @@ class Config:
     num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     val_labels_file: str | None = None
     builtin_images_per_class: int = 32
-    limit: int | None = None
-    seed: int = 0
+    limit: int | None = None           # first ``limit`` items of the (shuffled) order
+    shuffle: bool = True               # seeded permutation of the sorted items (shards mix classes)
+    seed: int = 0                      # the permutation's seed (and the builtin crops')
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -174,55 +183,61 @@ class FolderSource:
 
 
 class TarSource:
-    """A tar of an image folder, or of per-class tars (``<class>.tar`` members, as ILSVRC2012_img_train.tar)."""
+    """A tar of an image folder, or of per-class tars (``<class>.tar`` members, as ILSVRC2012_img_train.tar).
+
+    Listing records each file's data offset and size in the (decompressed) tar stream, so items are read in any
+    order by a seek and a read, without reopening the per-class tars."""
 
     def __init__(self, path: str, val_labels: dict[str, str] | None):
         self.path = path
         self._tar = tarfile.open(path)
-        self._inner: tuple[str, tarfile.TarFile] | None = None
         files: list[tuple[str, Any]] = []
         for member in self._tar.getmembers():
             if not member.isfile():
                 continue
             if member.name.lower().endswith(".tar"):
                 class_name = Path(member.name).stem
-                for inner in self._inner_tar(member.name).getmembers():
+                try:
+                    inner_tar = tarfile.open(fileobj=self._tar.extractfile(member), mode="r:")
+                except tarfile.TarError as error:
+                    raise ConfigError(f"{STAGE}.source: {path}: member {member.name!r} is not an uncompressed "
+                                      f"tar ({error})") from error
+                for inner in inner_tar.getmembers():
                     if inner.isfile():
-                        files.append((f"{class_name}/{inner.name}", (member.name, inner)))
+                        files.append((f"{class_name}/{inner.name}", self._span(inner, member.offset_data)))
             else:
-                files.append((member.name, (None, member)))
+                files.append((member.name, self._span(member, 0)))
         self.listing = _items_from_files(_strip_common_folder(sorted(files, key=lambda f: f[0])), val_labels)
 
-    def _inner_tar(self, name: str) -> tarfile.TarFile:
-        if self._inner is None or self._inner[0] != name:  # items come class by class: keep one open
-            self._inner = (name, tarfile.open(fileobj=self._tar.extractfile(name)))
-        return self._inner[1]
+    def _span(self, member: tarfile.TarInfo, base: int) -> tuple[int, int]:
+        if member.issparse():
+            raise ConfigError(f"{STAGE}.source: {self.path}: sparse member {member.name!r} is not supported")
+        return base + member.offset_data, member.size
 
     def payloads(self, items: Iterable[Item]) -> Iterator[tuple[str, Any]]:
+        stream = self._tar.fileobj  # the raw file, or the decompressed stream of a .tar.gz
         for item in items:
-            outer, member = item.ref
-            tar = self._tar if outer is None else self._inner_tar(outer)
-            yield f"{os.path.basename(self.path)}:{item.origin}", tar.extractfile(member).read()
+            offset, size = item.ref
+            stream.seek(offset)
+            yield f"{os.path.basename(self.path)}:{item.origin}", stream.read(size)
 
 
 class BuiltinSource:
-    """sfd_core.builtin_data photos; the crops are made here and handed to the workers as images."""
+    """sfd_core.builtin_data photos; the crops are made here (in any order) and handed to the workers as images."""
 
     def __init__(self, images_per_class: int, seed: int):
-        self.images_per_class, self.seed = images_per_class, seed
-        items = [Item(f"{name}_{i:05d}", label, name, f"{BUILTIN_PREFIX}{name}/{i}", label * images_per_class + i)
-                 for label, name in enumerate(BUILTIN_CLASS_NAMES) for i in range(images_per_class)]
+        self._photos = {name: load_photo(name) for name in BUILTIN_CLASS_NAMES}
+        self._plans = {name: class_plan(name, images_per_class, seed, self._photos[name].size)
+                       for name in BUILTIN_CLASS_NAMES}
+        items = [Item(plan.key, label, name, f"{BUILTIN_PREFIX}{name}/{i}", (name, i))
+                 for label, name in enumerate(BUILTIN_CLASS_NAMES) for i, plan in enumerate(self._plans[name])]
         self.listing = Listing(list(BUILTIN_CLASS_NAMES), items, [])
 
     def payloads(self, items: Iterable[Item]) -> Iterator[tuple[str, Any]]:
-        wanted = iter(items)
-        target = next(wanted, None)
-        for index, sample in enumerate(iter_builtin(self.images_per_class, self.seed)):
-            if target is None:
-                return
-            if index == target.ref:
-                yield sample.source, sample.image
-                target = next(wanted, None)
+        for item in items:
+            name, i = item.ref
+            plan = self._plans[name][i]
+            yield plan.source, make_image(self._photos[name], plan)
 
 
 def open_source(cfg: Config) -> FolderSource | TarSource | BuiltinSource:
@@ -232,6 +247,22 @@ def open_source(cfg: Config) -> FolderSource | TarSource | BuiltinSource:
     if os.path.isdir(cfg.source):
         return FolderSource(cfg.source, val_labels)
     return TarSource(cfg.source, val_labels)
+
+
+def ordered_items(items: Sequence[Item], shuffle: bool, seed: int) -> list[Item]:
+    """The order items are written in: as listed, or a seeded permutation (sort on a hash of seed and key, ties
+    by listing position), the same on every machine and library version."""
+    if not shuffle:
+        return list(items)
+
+    def rank(pair: tuple[int, Item]) -> tuple[bytes, int]:
+        return hashlib.blake2b(f"{seed}/{pair[1].key}".encode(), digest_size=16).digest(), pair[0]
+
+    return [item for _, item in sorted(enumerate(items), key=rank)]
+
+
+def _keys_digest(items: Sequence[tuple[int, Item]]) -> str:
+    return hashlib.blake2b("\n".join(item.key for _, item in items).encode(), digest_size=16).hexdigest()
 
 
 def check_config(cfg: Config) -> None:
@@ -364,9 +395,11 @@ def _commit_shard(out_url: str, shard: int, items: list[tuple[int, Item]], resul
     """Write the shard, then its marker (the marker is the commit record the manifest is built from)."""
     written = write_shard(shard_url(out_url, shard), _shard_samples(results, items))
     ok = [r for r in results if r["ok"]]
+    by_index = {index: item.label for index, item in items}
     markers.mark(_part_name(shard), {
         "url": shard_url(out_url, shard), "count": written["count"], "bytes": written["bytes"],
-        "first_key": items[0][1].key, "items": len(items),
+        "first_key": items[0][1].key, "items": len(items), "keys_digest": _keys_digest(items),
+        "classes": len({by_index[r["index"]] for r in ok}),
         "skipped": [{"path": r["path"], "reason": r["reason"]} for r in results if not r["ok"]],
         "upscaled": sum(r["upscaled"] for r in ok),
         "source_modes": dict(Counter(r["mode"] for r in ok)),
@@ -382,7 +415,8 @@ def run(cfg: Config) -> dict[str, Any]:
     started = time.monotonic()
     source = open_source(cfg)
     listing = source.listing
-    items = listing.items if cfg.limit is None else listing.items[: cfg.limit]
+    items = ordered_items(listing.items, cfg.shuffle, cfg.seed)
+    items = items if cfg.limit is None else items[: cfg.limit]
     num_shards = -(-len(items) // cfg.images_per_shard)
     markers = PartMarkers(cfg.out_url)
     finished = markers.all()
@@ -390,8 +424,9 @@ def run(cfg: Config) -> dict[str, Any]:
     shard_items = {s: indexed[s * cfg.images_per_shard:(s + 1) * cfg.images_per_shard] for s in range(num_shards)}
     for s in range(num_shards):
         info = finished.get(_part_name(s))
-        if info is not None and info["first_key"] != shard_items[s][0][1].key:
-            raise RuntimeError(f"{STAGE}: {cfg.out_url} holds shard {s} of a different source listing "
+        if info is not None and (info["first_key"] != shard_items[s][0][1].key
+                                 or info.get("keys_digest") != _keys_digest(shard_items[s])):
+            raise RuntimeError(f"{STAGE}: {cfg.out_url} holds shard {s} of a different source listing or order "
                                f"(first key {info['first_key']!r}, now {shard_items[s][0][1].key!r}); "
                                "use a fresh out_url")
     pending = [s for s in range(num_shards) if _part_name(s) not in finished]
@@ -407,17 +442,32 @@ def run(cfg: Config) -> dict[str, Any]:
     progress = Progress(len(pending_items), STAGE, unit="img")
     results = _map_ordered(tasks, settings, cfg.num_workers)
     work_started = time.monotonic()
+    committed = num_shards - len(pending)
     try:
         for s in pending:
             shard_results = [next(results) for _ in shard_items[s]]
             progress.update(len(shard_results))
             _commit_shard(cfg.out_url, s, shard_items[s], shard_results, markers)
+            committed += 1
+    except Exception as error:
+        if fs.is_transient(error):  # storage.fs already retried with backoff: the store is down for longer
+            raise RuntimeError(f"{STAGE}: storage error writing to {cfg.out_url} after retries "
+                               f"({type(error).__name__}: {error}); {committed} of {num_shards} shards are "
+                               "committed; rerun the stage to resume from there") from error
+        raise
     finally:
         results.close()  # stops the pool if a write failed
     work_seconds = time.monotonic() - work_started
     manifest = _manifest(cfg, listing, markers.all(), num_shards, len(pending_items), work_seconds,
                          time.monotonic() - started)
-    return write_success(cfg.out_url, manifest)
+    try:
+        return write_success(cfg.out_url, manifest)
+    except Exception as error:
+        if fs.is_transient(error):
+            raise RuntimeError(f"{STAGE}: storage error writing the manifest of {cfg.out_url} after retries "
+                               f"({type(error).__name__}: {error}); all {num_shards} shards are committed; "
+                               "rerun the stage to finish") from error
+        raise
 
 
 def _manifest(cfg: Config, listing: Listing, parts: dict[str, dict[str, Any]], num_shards: int,
@@ -443,10 +493,13 @@ def _manifest(cfg: Config, listing: Listing, parts: dict[str, dict[str, Any]], n
             "skipped": dict(sorted(Counter(s["reason"] for s in skipped_files).items())),
             "per_shard": [s["count"] for s in shards],
         },
+        "order": {"shuffle": cfg.shuffle, "seed": cfg.seed,
+                  "method": "sorted by blake2b(f'{seed}/{key}')" if cfg.shuffle else "ImageFolder order"},
         "artifacts": {"shards": [s["url"] for s in shards], "classes": fs.join(cfg.out_url, "classes.json")},
         "skipped_files": skipped_files,
         "stats": {
             "upscaled": sum(s["upscaled"] for s in shards),
+            "classes_per_shard": [s.get("classes", 0) for s in shards],
             "source_modes": dict(sorted(modes.items())),
             "shard_bytes": [s["bytes"] for s in shards],
             "images_processed_this_run": processed,

@@ -4,12 +4,14 @@ import copy
 import dataclasses
 import io
 import json
+import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ from PIL import Image
 
 from sfd_core.config import ConfigError
 from sfd_core.encoders import load_dinov2, load_texture_vae
-from sfd_core.extract_features import Config, noise_seed, run, sample_noise, stats_rows, to_model_input
+from sfd_core.extract_features import (Config, CorruptShardError, noise_seed, run, sample_noise, stats_rows,
+                                       to_model_input)
 from sfd_core.imagenet_shards import Config as ShardsConfig
 from sfd_core.imagenet_shards import run as run_shards
 from sfd_core.standins import make_standins
@@ -165,19 +168,117 @@ def test_kill_and_resume_gives_identical_arrays(texture_run, tmp_path):
     assert resumed["stats"]["texture"] == reference["stats"]["texture"]
 
 
-def test_two_ranks_equal_one_rank(texture_run, tmp_path):
-    """Rank 1 in a thread (each rank opens its own arrays and markers, as separate processes would;
-    threads spare the tests two interpreter starts of torch + diffusers)."""
+def test_torchrun_two_processes_equal_one_process(texture_run, tmp_path):
+    """The production launch: ``torchrun --nproc-per-node 2`` on CPU; ranks come from RANK/WORLD_SIZE and take
+    disjoint chunk ranges (each marker records its rows; together they tile the array exactly once)."""
     reference_cfg, reference = texture_run
-    cfg = dataclasses.replace(reference_cfg, out_url=str(tmp_path / "out"), world_size=2)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        rank1 = pool.submit(run, dataclasses.replace(cfg, rank=1))
-        manifest = run(dataclasses.replace(cfg, rank=0))
-        assert rank1.result(timeout=300) == manifest
-    assert manifest["stats"]["world_size"] == 2 and 0 < manifest["stats"]["images_encoded_this_run"] < 22
+    cfg = dataclasses.replace(reference_cfg, out_url=str(tmp_path / "out"))
+    assert cfg.rank is None and cfg.world_size is None
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "sfd_core.extract_features", "--config", json.dumps(dataclasses.asdict(cfg))]
+    done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "rank 0/2 on cpu: 3 of 6 chunks to do" in done.stdout  # rank 1 (logging only on rank 0) did 3 more
+    manifest = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
+    assert manifest["stats"]["world_size"] == 2 and manifest["stats"]["images_encoded_this_run"] == 12
+    rows = sorted(tuple(json.loads(p.read_text())["rows"]) for p in (tmp_path / "out" / "_parts").glob("chunk-*"))
+    assert rows == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 22)]
     for name, values in _arrays(reference).items():
         np.testing.assert_array_equal(_arrays(manifest)[name], values, err_msg=name)
     assert manifest["stats"]["texture"] == reference["stats"]["texture"]
+
+
+# ------------------------------------------------------------------------------------ damaged shards
+
+def _copy_shards(shards_manifest: dict, dest: Path) -> tuple[dict, list[Path]]:
+    """A copy of the imagenet_shards output at ``dest`` (its manifest pointing at the copies)."""
+    shutil.copytree(shards_manifest["uri"], dest)
+    manifest = json.loads((dest / "_SUCCESS.json").read_text())
+    paths = [dest / "shards" / Path(url).name for url in manifest["artifacts"]["shards"]]
+    manifest["uri"], manifest["artifacts"]["shards"] = str(dest), [str(p) for p in paths]
+    (dest / "_SUCCESS.json").write_text(json.dumps(manifest))
+    return manifest, paths
+
+
+def _members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def _write_members(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_truncated_shard_stops_extraction_naming_it_and_a_repaired_rerun_matches(texture_run, shards, tmp_path):
+    """Shard 1 cut after its 3rd sample (a header boundary: tarfile reads it as a shorter, valid tar)."""
+    reference_cfg, reference = texture_run
+    manifest, paths = _copy_shards(shards, tmp_path / "shards")
+    original = paths[1].read_bytes()
+    members = _members(paths[1])
+    keys = list(dict.fromkeys(name.split(".")[0] for name, _ in members))
+    _write_members(paths[1], [(n, d) for n, d in members if n.split(".")[0] in keys[:3]])
+    cfg = dataclasses.replace(reference_cfg, shards_url=manifest["uri"], out_url=str(tmp_path / "out"))
+    with pytest.raises(CorruptShardError, match=rf"{paths[1]}: shard ends after 3 samples, the shards manifest "
+                                                 r"says 5 .*delete shard-000001\.json"):
+        run(cfg)
+    # Chunks 0-1 (rows 0-7: shard 0 and the 3 intact samples of shard 1) were committed; chunk 2 (rows 8-11)
+    # needs the missing rows 8-9 and was not: no row was filled from the next shard.
+    assert sorted(p.name for p in (tmp_path / "out" / "_parts").glob("chunk-*")) == ["chunk-000000.json",
+                                                                                     "chunk-000001.json"]
+    assert not (tmp_path / "out" / "_SUCCESS.json").exists()
+
+    paths[1].write_bytes(original)  # the shard rebuilt: the rerun resumes and equals the reference
+    resumed = run(cfg)
+    assert resumed["stats"]["images_encoded_this_run"] == 22 - 8
+    for name, values in _arrays(reference).items():
+        np.testing.assert_array_equal(_arrays(resumed)[name], values, err_msg=name)
+
+
+@pytest.mark.parametrize("damage", ["cut_inside_member", "undecodable_image", "extra_sample", "missing_shard"])
+def test_damaged_shard_is_a_clear_error_naming_it(texture_run, shards, tmp_path, damage):
+    reference_cfg, _ = texture_run
+    manifest, paths = _copy_shards(shards, tmp_path / "shards")
+    target = paths[2]  # rows 10-14
+    members = _members(target)
+    expected = re.escape(str(target))
+    if damage == "cut_inside_member":
+        data = target.read_bytes()
+        target.write_bytes(data[: 512 * 3 + 100])  # into the data of the 2nd member
+        expected += r": cannot read sample \d of 5 .*the tar is damaged"
+    elif damage == "undecodable_image":
+        name = next(n for n, _ in members if n.endswith(".jpg"))
+        _write_members(target, [(n, b"not a jpeg" * 20 if n == name else d) for n, d in members])
+        expected += rf": sample {name.split('.')[0]!r} \(#0 in the shard\): image cannot be decoded"
+    elif damage == "extra_sample":
+        _write_members(target, members + [(f"zz_extra.{n.split('.', 1)[1]}", d) for n, d in members[:3]])
+        expected += r": shard holds more than the 5 samples"
+    else:
+        target.unlink()
+        expected += r": shard listed in the shards manifest is missing"
+    cfg = dataclasses.replace(reference_cfg, shards_url=manifest["uri"], out_url=str(tmp_path / "out"),
+                              num_workers=2 if damage == "undecodable_image" else 0)  # also via DataLoader workers
+    with pytest.raises(CorruptShardError, match=expected):
+        run(cfg)
+    # The chunk whose rows meet the damage is never committed (others may be: their rows are intact). An extra
+    # sample shows when shard 2 is read to its end, i.e. for row 15 (chunk 3); the other damage hits row 10.
+    bad_chunk = 3 if damage == "extra_sample" else 2
+    assert not (tmp_path / "out" / "_parts" / f"chunk-{bad_chunk:06d}.json").exists()
+    assert not (tmp_path / "out" / "_SUCCESS.json").exists()
+
+
+def test_inconsistent_shards_manifest_fails_before_work(texture_run, shards, tmp_path):
+    reference_cfg, _ = texture_run
+    manifest, _ = _copy_shards(shards, tmp_path / "shards")
+    manifest["counts"]["per_shard"][0] -= 1
+    (tmp_path / "shards" / "_SUCCESS.json").write_text(json.dumps(manifest))
+    cfg = dataclasses.replace(reference_cfg, shards_url=manifest["uri"], out_url=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"per-shard counts .* do not add up to counts\.images=22"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 def _s3_matches_local(server, monkeypatch, texture_run, standins, num_workers: int) -> None:
@@ -201,3 +302,40 @@ def test_s3_moto_root_gives_identical_arrays(moto_s3, monkeypatch, texture_run, 
 @pytest.mark.s3
 def test_s3_seaweedfs_root_gives_identical_arrays(seaweed_s3, monkeypatch, texture_run, standins):
     _s3_matches_local(seaweed_s3, monkeypatch, texture_run, standins, num_workers=0)
+
+
+@pytest.mark.s3
+def test_extraction_on_s3_survives_a_server_restart_and_resumes_after_a_long_outage(seaweed_s3, monkeypatch,
+                                                                                    texture_run):
+    from data_helpers import StageThread, outage_during, wait_for_object
+
+    seaweed_s3.apply_env(monkeypatch)
+    fs.clear_filesystem_cache()
+    reference_cfg, reference = texture_run
+    remote_shards = run_shards(_shards_config(seaweed_s3.fresh_url("shards")))
+
+    def check(manifest: dict) -> None:
+        for name, values in _arrays(reference).items():
+            np.testing.assert_array_equal(_arrays(manifest)[name], values, err_msg=name)
+        assert manifest["stats"]["texture"] == reference["stats"]["texture"]
+
+    # Down after the first chunk is committed, back within the retry window: the run completes, same arrays.
+    cfg = dataclasses.replace(reference_cfg, shards_url=remote_shards["uri"], out_url=seaweed_s3.fresh_url("tex"))
+    stage = StageThread(lambda: run(cfg))
+    outage_during(seaweed_s3, stage, fs.join(cfg.out_url, "_parts", "chunk-000000.json"))
+    check(stage.result())
+
+    # Down for good: the stage fails saying so; once the server is back a rerun resumes and gives the same arrays.
+    monkeypatch.setenv("SFD_STORAGE_RETRY_ATTEMPTS", "2")
+    cfg = dataclasses.replace(cfg, out_url=seaweed_s3.fresh_url("tex-down"))
+    stage = StageThread(lambda: run(cfg))
+    wait_for_object(seaweed_s3, fs.join(cfg.out_url, "_parts", "chunk-000000.json"), stage)
+    seaweed_s3.stop()
+    error = stage.error()
+    seaweed_s3.start()
+    assert isinstance(error, RuntimeError) and "rerun the stage to resume" in str(error), repr(error)
+    assert "storage still failing after retries" in str(error) and cfg.out_url in str(error)
+    monkeypatch.delenv("SFD_STORAGE_RETRY_ATTEMPTS")
+    resumed = run(cfg)
+    assert 0 < resumed["stats"]["images_encoded_this_run"] < 22
+    check(resumed)

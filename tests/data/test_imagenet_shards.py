@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import dataclasses
 import io
 import json
 import os
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sfd_core.builtin_data import CLASS_NAMES
 from sfd_core.config import ConfigError
 from sfd_core.imagenet_shards import Config, run
 from sfd_core.imaging import center_crop_arr
@@ -52,8 +55,15 @@ def test_planted_folder_gives_right_shards_labels_and_skips(planted, tmp_path, r
     samples = read_samples(manifest)
     by_source = {json.loads(s["json"])["source"]: s for s in samples}
     assert sorted(by_source) == expected["good"]
-    sources = [json.loads(s["json"])["source"] for s in samples]
-    assert sources == sorted(sources)  # ImageFolder order: class folder, then path
+    # Shuffled order (the documented rule, recomputed here): the 14 listed files sorted by blake2b(f"{seed}/{key}");
+    # shard k holds files [4k, 4k + 4) of that order minus the bad ones.
+    listed = expected["good"] + [p for p, why in expected["skipped"].items() if why != "unsupported_extension"]
+    key_of = {rel: expected["keys"].get(rel, Path(rel).stem) for rel in listed}
+    order = sorted(listed, key=lambda rel: hashlib.blake2b(f"0/{key_of[rel]}".encode(), digest_size=16).digest())
+    windows = [[rel for rel in order[k:k + 4] if rel in expected["good"]] for k in range(0, 14, 4)]
+    assert manifest["counts"]["per_shard"] == [len(w) for w in windows]
+    assert [json.loads(s["json"])["source"] for s in samples] == [rel for w in windows for rel in w]
+    assert [s["__key__"] for s in samples] == [key_of[rel] for w in windows for rel in w]
     for rel, sample in by_source.items():
         meta = json.loads(sample["json"])
         assert int(sample["cls"]) == classes.index(rel.split("/")[0]) and meta["class"] == rel.split("/")[0]
@@ -72,6 +82,10 @@ def test_planted_folder_gives_right_shards_labels_and_skips(planted, tmp_path, r
 
     again = run(cfg)  # complete: returns the stored manifest without work
     assert again == manifest
+
+    in_order = run(dataclasses.replace(cfg, out_url=str(tmp_path / "sorted"), shuffle=False))
+    sources = [json.loads(s["json"])["source"] for s in read_samples(in_order)]
+    assert sources == expected["good"] and in_order["order"]["shuffle"] is False  # ImageFolder order
 
 
 def _tar_folder(root: Path, tar_path: Path, prefix: str) -> None:
@@ -165,3 +179,79 @@ def test_kill_mid_sharding_then_rerun_gives_identical_shards(tmp_path):
     assert b["stats"]["images_processed_this_run"] < a["stats"]["images_processed_this_run"] == 33
     for url_a, url_b in zip(a["artifacts"]["shards"], b["artifacts"]["shards"], strict=True):
         assert Path(url_a).read_bytes() == Path(url_b).read_bytes(), url_b
+
+
+def test_shards_mix_classes_labels_stay_with_their_images(tmp_path, read_samples):
+    """Shuffled shards mix classes; each image keeps its key and label (same samples as the sorted run, moved)."""
+    common = dict(source="builtin:tiny", resolution=RES, builtin_images_per_class=4, images_per_shard=11,
+                  num_workers=1)
+    mixed = run(Config(out_url=str(tmp_path / "mixed"), **common))
+    plain = run(Config(out_url=str(tmp_path / "plain"), shuffle=False, **common))
+    assert mixed["counts"]["per_shard"] == plain["counts"]["per_shard"] == [11, 11, 11, 11]
+
+    def per_shard(manifest):
+        from storage.shards import iter_shard
+        return [list(iter_shard(url)) for url in manifest["artifacts"]["shards"]]
+
+    mixed_shards, plain_shards = per_shard(mixed), per_shard(plain)
+    plain_classes = [len({int(s["cls"]) for s in shard}) for shard in plain_shards]
+    mixed_classes = [len({int(s["cls"]) for s in shard}) for shard in mixed_shards]
+    assert plain_classes == [3, 4, 4, 3]  # ImageFolder order: 4 images per class, 11 per shard
+    assert min(mixed_classes) >= 5, mixed_classes  # 11 of 44 images drawn at random: ~7 classes expected
+    assert mixed["stats"]["classes_per_shard"] == mixed_classes
+    by_key = {s["__key__"]: s for shard in plain_shards for s in shard}
+    mixed_samples = [s for shard in mixed_shards for s in shard]
+    assert sorted(s["__key__"] for s in mixed_samples) == sorted(by_key)
+    assert [s["__key__"] for s in mixed_samples] != sorted(by_key)
+    for sample in mixed_samples:
+        assert int(sample["cls"]) == CLASS_NAMES.index(sample["__key__"].rsplit("_", 1)[0])
+        assert (sample["cls"], sample["jpg"], sample["json"]) == (by_key[sample["__key__"]]["cls"],
+                                                                  by_key[sample["__key__"]]["jpg"],
+                                                                  by_key[sample["__key__"]]["json"])
+
+    (tmp_path / "mixed" / "_SUCCESS.json").unlink()  # a resume with another order must not mix the two
+    with pytest.raises(RuntimeError, match="different source listing or order"):
+        run(Config(out_url=str(tmp_path / "mixed"), shuffle=False, **common))
+
+
+def _assert_same_shards(remote: dict, local: dict) -> None:
+    from storage import fs
+
+    assert remote["counts"] == local["counts"]
+    for url_r, url_l in zip(remote["artifacts"]["shards"], local["artifacts"]["shards"], strict=True):
+        assert url_r.startswith("s3://") and fs.read_bytes(url_r) == Path(url_l).read_bytes(), url_r
+
+
+@pytest.mark.s3
+def test_sharding_to_s3_survives_a_server_restart_and_resumes_after_a_long_outage(seaweed_s3, monkeypatch,
+                                                                                  tmp_path):
+    from data_helpers import StageThread, outage_during, wait_for_object
+    from storage import fs
+
+    seaweed_s3.apply_env(monkeypatch)
+    fs.clear_filesystem_cache()
+    common = dict(source="builtin:tiny", resolution=RES, builtin_images_per_class=3, images_per_shard=1,
+                  num_workers=1)
+    local = run(Config(out_url=str(tmp_path / "local"), **common))
+    assert local["counts"]["shards"] == 33
+
+    # The server goes away after the first shard and comes back within the retry window: the run completes.
+    url = seaweed_s3.fresh_url("shards-restart")
+    stage = StageThread(lambda: run(Config(out_url=url, **common)))
+    outage_during(seaweed_s3, stage, fs.join(url, "_parts", "shard-000000.json"))
+    _assert_same_shards(stage.result(), local)
+
+    # The server stays down past the retries: the stage fails saying so; a rerun resumes and gives the same shards.
+    monkeypatch.setenv("SFD_STORAGE_RETRY_ATTEMPTS", "2")
+    url = seaweed_s3.fresh_url("shards-down")
+    stage = StageThread(lambda: run(Config(out_url=url, **common)))
+    wait_for_object(seaweed_s3, fs.join(url, "_parts", "shard-000000.json"), stage)
+    seaweed_s3.stop()
+    error = stage.error()
+    seaweed_s3.start()
+    assert isinstance(error, RuntimeError) and "rerun the stage to resume" in str(error), repr(error)
+    assert url in str(error) and "of 33 shards are committed" in str(error)
+    monkeypatch.delenv("SFD_STORAGE_RETRY_ATTEMPTS")
+    resumed = run(Config(out_url=url, **common))
+    assert 0 < resumed["stats"]["images_processed_this_run"] < 33
+    _assert_same_shards(resumed, local)
