@@ -12,11 +12,13 @@ import random
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,15 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def run_in_process_group(device: str | None, body: Callable[[DistInfo], T]) -> T:
+    """``body(info)`` inside the torchrun process group (or a single process), always leaving the group after."""
+    info = init_distributed(device)
+    try:
+        return body(info)
+    finally:
+        cleanup()
 
 
 def is_distributed() -> bool:

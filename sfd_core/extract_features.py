@@ -45,6 +45,7 @@ from sfd_core.imaging import load_rgb_array
 from sfd_core.reporting import Progress, log
 from storage import fs
 from storage.arrays import create_array, open_array, write_rows
+from sfd_core.stage_output import finished_manifest
 from storage.manifest import read_success, write_success
 from storage.parts import PartMarkers
 from storage.shards import iter_shard
@@ -481,9 +482,8 @@ def _create_arrays(cfg: Config, urls: dict[str, str], num_rows: int, shape: tupl
 
 def run(cfg: Config) -> dict[str, Any]:
     check_config(cfg)
-    done = read_success(cfg.out_url)
+    done = finished_manifest(STAGE_OF[cfg.encoder], cfg.out_url)
     if done is not None:
-        log(f"{STAGE_OF[cfg.encoder]}: {cfg.out_url} is complete; nothing to do")
         return done
     rank, world = rank_and_world(cfg)
     shards = _read_shards_manifest(cfg)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -31,6 +30,7 @@ from sfd_core.encoders.inception import build_inception, resolve_inception_weigh
 from sfd_core.imaging import load_rgb_array
 from sfd_core.reporting import Progress, log
 from storage import fs
+from sfd_core.stage_output import finished_manifest
 from storage.manifest import read_success, write_success
 from storage.shards import iter_shard
 
@@ -483,9 +483,8 @@ def run(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"mode: expected one of {MODES}, got {cfg.mode!r}")
     if not cfg.out_url:
         raise ConfigError("out_url: set the stage output directory")
-    done = read_success(cfg.out_url)
+    done = finished_manifest(f"fid ({cfg.mode})", cfg.out_url)
     if done is not None:
-        log(f"{cfg.out_url}: already complete, reusing it")
         return done
     return run_reference(cfg) if cfg.mode == "reference" else run_report(cfg)
 

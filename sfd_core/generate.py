@@ -36,6 +36,7 @@ from sfd_core.models import build_model
 from sfd_core.reporting import Progress, log, metric
 from sfd_core.sampling import METHODS, decode_texture, labels_for_indices, sample
 from storage import fs
+from sfd_core.stage_output import finished_manifest
 from storage.manifest import read_success, write_success
 from storage.parts import PartMarkers
 from storage.shards import iter_shard, write_shard
@@ -420,9 +421,8 @@ def run(cfg: Config) -> dict[str, Any] | None:
     """Generate this rank's shards, then (rank 0) assemble and commit the stage. Returns the manifest on rank 0
     and on every rank of a process group; ``None`` on a simulated non-zero rank."""
     _check(cfg)
-    done = read_success(cfg.out_url)
+    done = finished_manifest("generate", cfg.out_url)
     if done is not None:
-        log(f"{cfg.out_url}: already complete, reusing it")
         return done
     rank, world_size, device = _placement(cfg)
     if device.type == "cuda":

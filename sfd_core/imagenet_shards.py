@@ -42,7 +42,8 @@ from sfd_core.imaging import (DEFAULT_MAX_PIXELS, IMAGE_FORMATS, center_crop_arr
                               needs_upscale)
 from sfd_core.reporting import Progress, log
 from storage import fs
-from storage.manifest import read_success, write_success
+from sfd_core.stage_output import finished_manifest
+from storage.manifest import write_success
 from storage.parts import PartMarkers
 from storage.shards import write_shard
 
@@ -408,9 +409,8 @@ def _commit_shard(out_url: str, shard: int, items: list[tuple[int, Item]], resul
 
 def run(cfg: Config) -> dict[str, Any]:
     check_config(cfg)
-    done = read_success(cfg.out_url)
+    done = finished_manifest(STAGE, cfg.out_url)
     if done is not None:
-        log(f"{STAGE}: {cfg.out_url} is complete; nothing to do")
         return done
     started = time.monotonic()
     source = open_source(cfg)

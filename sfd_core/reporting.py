@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 

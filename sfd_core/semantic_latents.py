@@ -30,6 +30,7 @@ from sfd_core.semvae import SemVAE, load_semvae
 from sfd_core.train_semvae import WEIGHTS_FILE
 from storage import fs
 from storage.arrays import create_array, open_array, read_rows, write_rows
+from sfd_core.stage_output import finished_manifest
 from storage.manifest import read_success, write_success
 from storage.parts import PartMarkers
 
@@ -133,15 +134,10 @@ def run(cfg: Config) -> dict[str, Any]:
     for name in ("out_url", "features_url", "semvae_url"):
         if not getattr(cfg, name):
             raise ConfigError(f"Config.{name}: missing; set it (see the Config docstring)")
-    done = read_success(cfg.out_url)
+    done = finished_manifest("semantic_latents", cfg.out_url)
     if done is not None:
-        log(f"semantic_latents: {cfg.out_url} is complete; nothing to do")
         return done
-    info = dist_utils.init_distributed(cfg.device)
-    try:
-        return _encode_all(cfg, info)
-    finally:
-        dist_utils.cleanup()
+    return dist_utils.run_in_process_group(cfg.device, lambda info: _encode_all(cfg, info))
 
 
 def _encode_all(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from sfd_core.train_state import (MODEL_FILE, LossCurve, MetricWindow, RunCheckp
                                   commit_file, latest_complete, load_model_weights)
 from storage import fs
 from storage.arrays import open_array
+from sfd_core.stage_output import finished_manifest
 from storage.manifest import read_success, write_success
 
 STAGE = "semvae"
@@ -161,15 +162,10 @@ def resolve_arch(cfg: Config, features: Any) -> dict[str, Any]:
 
 def run(cfg: Config) -> dict[str, Any]:
     check_config(cfg)
-    done = read_success(cfg.out_url)
+    done = finished_manifest("train_semvae", cfg.out_url)
     if done is not None:
-        log(f"train_semvae: {cfg.out_url} is complete; nothing to do")
         return done
-    info = dist_utils.init_distributed(cfg.device)
-    try:
-        return _train(cfg, info)
-    finally:
-        dist_utils.cleanup()
+    return dist_utils.run_in_process_group(cfg.device, lambda info: _train(cfg, info))
 
 
 def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:

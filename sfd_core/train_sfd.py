@@ -40,6 +40,7 @@ from sfd_core.train_state import (EMA_FILE, MODEL_FILE, LossCurve, MetricWindow,
 from sfd_core.transport import LossConfig, sfd_training_loss
 from storage import fs
 from storage.arrays import open_array
+from sfd_core.stage_output import finished_manifest
 from storage.manifest import read_success, write_success
 
 STAGE = "sfd_model"
@@ -325,15 +326,10 @@ def _stage_name(out_url: str) -> str:
 
 def run(cfg: Config) -> dict[str, Any]:
     cfg = resolve_config(cfg)
-    done = read_success(cfg.out_url)
+    done = finished_manifest("train_sfd", cfg.out_url)
     if done is not None:
-        log(f"train_sfd: {cfg.out_url} is complete; nothing to do")
         return done
-    info = dist_utils.init_distributed(cfg.device)
-    try:
-        return _train(cfg, info)
-    finally:
-        dist_utils.cleanup()
+    return dist_utils.run_in_process_group(cfg.device, lambda info: _train(cfg, info))
 
 
 def _train(cfg: Config, info: dist_utils.DistInfo) -> dict[str, Any]:
