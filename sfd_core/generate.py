@@ -85,6 +85,7 @@ class Config:
     timestep_shift: float = 0.0
     atol: float = 1e-6                 # dopri5
     rtol: float = 1e-3                 # dopri5
+    dopri5_per_phase: bool = False     # dopri5 restarted at each phase boundary (the official run is one solve)
     # How to run.
     batch_size: int = 64
     images_per_shard: int = 1000
@@ -249,7 +250,7 @@ class Generator:
             cfg_interval_start=cfg.cfg_interval_start, guidance_model=self.guidance_model,
             guidance_scale_sem=cfg.guidance_scale_sem, guidance_scale_tex=cfg.guidance_scale_tex,
             timestep_shift=cfg.timestep_shift, atol=cfg.atol, rtol=cfg.rtol, return_nfe=True,
-            autocast_dtype=PRECISIONS[cfg.precision])
+            dopri5_per_phase=cfg.dopri5_per_phase, autocast_dtype=PRECISIONS[cfg.precision])
         z = decode_texture(latent.float(), self.texture_channels, self.source.texture_mean,
                            self.source.texture_std, self.source.latent_multiplier)
         vae_dtype = PRECISIONS[cfg.vae_precision]
