@@ -12,7 +12,9 @@ import subprocess
 import sys
 from typing import Sequence
 
-from pipelines.home import HOME_ENV, ensure_dagster_home
+import dagster as dg
+
+from pipelines.home import HOME_ENV, ensure_dagster_home, recover_crashed_runs
 from pipelines.io_manager import manifest_store_url
 from pipelines.profiles import PROFILE_ENV, ConfigError
 from pipelines.resources import (PROJECT_ROOT, STORAGE_ROOT_ENV, ComputeResource, PretrainedResource,
@@ -60,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     home = ensure_dagster_home()
     env = {**os.environ, HOME_ENV: str(home)}
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for run_id in recover_crashed_runs(instance):
+            print(f"run {run_id} was killed earlier: marked failed, its GPU pool slot freed", flush=True)
     if args.profile:
         env[PROFILE_ENV] = args.profile
     try:

@@ -11,7 +11,9 @@ work has the same fingerprint on every machine and storage root.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -63,6 +65,16 @@ def plan_stage(spec: StageSpec, values: dict[str, Any], compute: dict[str, Any],
                      inputs={**inputs, **(locations or {})}, upstream=upstream)
 
 
+@contextlib.contextmanager
+def _known_unstable_apis() -> Iterator[None]:
+    """Silence Dagster's beta/preview notices for the two APIs this module relies on on purpose (a custom
+    ``data_version`` on ``Output``, and Pipes internals): one warning per step would drown the stage logs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        yield
+
+
 def _reported_metadata(invocation: Any) -> dict[str, Any]:
     for result in invocation.get_results():
         if isinstance(result, dg.MaterializeResult):
@@ -77,9 +89,10 @@ def run_stage(context: dg.AssetExecutionContext, plan: StagePlan, weights: Weigh
     command = compute_resource.command(plan.spec.module, json.dumps(config, sort_keys=True),
                                        distributed=plan.spec.gpu, settings=compute)
     context.log.info(f"{plan.spec.asset}: running {plan.spec.module} into {plan.out_url}")
-    invocation = compute_resource.client().run(
-        context=context, command=command,
-        extras={"fingerprint": plan.fingerprint, "out_url": plan.out_url, "stage": plan.spec.asset})
+    with _known_unstable_apis():
+        invocation = compute_resource.client().run(
+            context=context, command=command,
+            extras={"fingerprint": plan.fingerprint, "out_url": plan.out_url, "stage": plan.spec.asset})
     manifest = read_success(plan.out_url)
     if manifest is None:
         raise dg.Failure(description=f"{plan.spec.module} exited successfully but wrote no "
@@ -101,7 +114,9 @@ def cached_or_run(context: dg.AssetExecutionContext, plan: StagePlan, weights: W
         if not shown:  # a stage program that reported nothing: derive the same metadata here
             shown = metadata.to_dagster(metadata.manifest_metadata(manifest))
     shown.update(cached=dg.MetadataValue.bool(cached), fingerprint=dg.MetadataValue.text(plan.fingerprint))
-    yield dg.Output(manifest, metadata=shown, data_version=dg.DataVersion(plan.fingerprint))
+    with _known_unstable_apis():
+        output = dg.Output(manifest, metadata=shown, data_version=dg.DataVersion(plan.fingerprint))
+    yield output
     yield from checks.evaluate(asset, manifest, expected_counts)
 
 
