@@ -106,7 +106,9 @@ def checkpoint_source(root: str, model_fingerprint: str, step_dir: str) -> Check
         info = fs.read_json(fs.join(url, COMPLETE))
     except FileNotFoundError:
         raise dg.Failure(description=f"checkpoint {url} is not committed (no {COMPLETE}) or was retired") from None
-    missing = [key for key in MODEL_INFO_KEYS if key not in info] or ([] if info["model"].get("name") else ["model.name"])
+    missing = [key for key in MODEL_INFO_KEYS if key not in info]
+    if not missing and not (info["model"] or {}).get("name"):
+        missing = ["model.name"]
     if missing:
         raise dg.Failure(description=f"{url}/{COMPLETE} lacks {missing}: sfd_core.train_sfd must record the model "
                                      f"(name, overrides), delta_t and latent_multiplier with each checkpoint")

@@ -66,15 +66,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run_id in recover_crashed_runs(instance):
             print(f"run {run_id} was killed earlier: marked failed, its GPU pool slot freed", flush=True)
     if args.profile:
-        env[PROFILE_ENV] = args.profile
+        # a profile file is found from the caller's directory, wherever the CLI runs
+        env[PROFILE_ENV] = os.path.abspath(args.profile) if os.path.exists(args.profile) else args.profile
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     try:
-        root = preflight(args.profile, args.root)
+        root = preflight(env.get(PROFILE_ENV), args.root)
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     env[STORAGE_ROOT_ENV] = root
     print(f"DAGSTER_HOME={home}\n$ {' '.join(materialize_command(args.select))}", flush=True)
-    code = subprocess.call(materialize_command(args.select), cwd=str(PROJECT_ROOT), env=env)
+    code = subprocess.call(materialize_command(args.select), env=env)
     if code != 0:
         print(f"materialization failed (exit code {code}); rerun to resume from the finished stages",
               file=sys.stderr)

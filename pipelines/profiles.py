@@ -21,6 +21,7 @@ import yaml
 
 from sfd_core.config import ConfigError
 from pipelines.stages import STAGES
+from storage import fs
 
 PROFILE_ENV = "SFD_PROFILE"
 DEFAULT_PROFILE = "tiny"
@@ -189,8 +190,6 @@ def _check_image_source(profile: Profile) -> None:
     source = str(source)
     if source.startswith(BUILTIN_SOURCE_PREFIX):
         return
-    from storage import fs
-
     try:
         found = fs.exists(source)
     except Exception as e:  # noqa: BLE001 - any storage error means the same fix
@@ -203,8 +202,6 @@ def _check_image_source(profile: Profile) -> None:
 
 def check_storage_root(root: str) -> None:
     """A remote root's bucket must be listable; a local root must be creatable."""
-    from storage import fs
-
     if "://" not in root or root.startswith("file://"):
         local = Path(root.removeprefix("file://"))
         try:

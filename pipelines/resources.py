@@ -97,7 +97,8 @@ class ComputeResource(dg.ConfigurableResource):
         return env
 
     def client(self) -> dg.PipesSubprocessClient:
-        return dg.PipesSubprocessClient(env=self.environment(), cwd=str(PROJECT_ROOT), forward_termination=True,
+        # no cwd change: relative paths in a profile mean the same to the stage as to the Dagster process
+        return dg.PipesSubprocessClient(env=self.environment(), forward_termination=True,
                                         termination_timeout_seconds=self.termination_timeout_s)
 
 

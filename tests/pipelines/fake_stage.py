@@ -1,6 +1,6 @@
 """A stage program with the real stage contract and no torch, to test the Dagster layer on its own.
 
-``run(cfg)`` resumes (returns an existing ``_SUCCESS.json``), appends one line per real run to
+``run(cfg)`` resumes (returns an existing ``_SUCCESS.json``), appends one line per real run (and rank) to
 ``$FAKE_STAGE_LOG`` (so tests can count runs), reports a log line and a metric through ``sfd_core.reporting``,
 sums ``value`` with its upstream totals, and writes one artifact, then the manifest.
 """
@@ -60,13 +60,30 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
+def _wait_for_rank_zero(out_url: str, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (manifest := read_success(out_url)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 never finished {out_url}")
+        time.sleep(0.1)
+    return manifest
+
+
+def _record(line: str) -> None:
+    if os.environ.get(LOG_ENV):
+        with open(os.environ[LOG_ENV], "a") as f:
+            f.write(line + "\n")
+
+
 def run(cfg: Config) -> dict:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # like a real stage under torchrun: rank 0 writes the manifest
+        _record(f"{cfg.out_url}#rank{rank}")
+        return _wait_for_rank_zero(cfg.out_url)
     done = read_success(cfg.out_url)
     if done is not None:
         return done
-    if os.environ.get(LOG_ENV):
-        with open(os.environ[LOG_ENV], "a") as f:
-            f.write(cfg.out_url + "\n")
+    _record(cfg.out_url)
     if cfg.fail:
         raise RuntimeError("fake stage asked to fail")
     log(f"fake stage: writing {cfg.out_url}")
