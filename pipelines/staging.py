@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import dagster as dg
 
 from pipelines import checks, metadata
+from pipelines.locks import StageBusyError, exclusive_output
 from pipelines.pretrained import Weights
 from pipelines.profiles import Profile, substitute, validate_profile
 from pipelines.stages import STAGES, StageSpec
@@ -104,15 +105,19 @@ def cached_or_run(context: dg.AssetExecutionContext, plan: StagePlan, weights: W
                   compute: dict[str, Any], expected_counts: dict[str, Any]) -> Iterator[Any]:
     """The stored manifest if the stage is complete, else run it; yields the Output and the asset's checks."""
     asset = context.asset_key.to_user_string()
-    manifest = read_success(plan.out_url)
-    cached = manifest is not None
-    if cached:
-        context.log.info(f"{asset}: cached at {plan.out_url}, nothing to do")
-        shown = metadata.to_dagster(metadata.manifest_metadata(manifest))
-    else:
-        manifest, shown = run_stage(context, plan, weights, compute_resource, compute)
-        if not shown:  # a stage program that reported nothing: derive the same metadata here
-            shown = metadata.to_dagster(metadata.manifest_metadata(manifest))
+    try:
+        with exclusive_output(plan.out_url):
+            manifest = read_success(plan.out_url)
+            cached = manifest is not None
+            if cached:
+                context.log.info(f"{asset}: cached at {plan.out_url}, nothing to do")
+                shown = metadata.to_dagster(metadata.manifest_metadata(manifest))
+            else:
+                manifest, shown = run_stage(context, plan, weights, compute_resource, compute)
+                if not shown:  # a stage program that reported nothing: derive the same metadata here
+                    shown = metadata.to_dagster(metadata.manifest_metadata(manifest))
+    except StageBusyError as busy:
+        raise dg.Failure(description=str(busy)) from None
     shown.update(cached=dg.MetadataValue.bool(cached), fingerprint=dg.MetadataValue.text(plan.fingerprint))
     with _known_unstable_apis():
         output = dg.Output(manifest, metadata=shown, data_version=dg.DataVersion(plan.fingerprint))

@@ -49,6 +49,7 @@ def fake_setup(tmp_path, monkeypatch) -> FakeSetup:
     monkeypatch.setenv(LOG_ENV, str(setup.run_log))
     monkeypatch.setenv("SFD_STORAGE_ROOT", str(setup.root))
     monkeypatch.setenv("SFD_PROFILE", str(setup.profile))
+    monkeypatch.setenv("SFD_LOCK_DIR", str(tmp_path / "locks"))
     return setup
 
 

@@ -56,6 +56,7 @@ def tiny_env(tmp_path_factory, standins_dir):
         mp.setenv("SFD_PROFILE", "tiny")
         mp.setenv("SFD_STORAGE_ROOT", str(root))
         mp.setenv("SFD_STANDINS_DIR", str(standins_dir))
+        mp.setenv("SFD_LOCK_DIR", str(root.parent / "locks"))
         yield root
 
 
@@ -167,6 +168,7 @@ def test_rerun_on_an_s3_root_is_cached(seaweed_s3, monkeypatch, standins_dir):
     root = seaweed_s3.fresh_url("sfd")
     monkeypatch.setenv("SFD_PROFILE", "tiny")
     monkeypatch.setenv("SFD_STANDINS_DIR", str(standins_dir))
+    monkeypatch.setenv("SFD_LOCK_DIR", str(standins_dir.parent / "s3-locks"))
     selection = dg.AssetSelection.assets("texture_latents").upstream()
     first = _materialize(selection, storage_root=root)
     second = _materialize(selection, storage_root=root)

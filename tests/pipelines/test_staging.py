@@ -2,11 +2,14 @@
 affected stages, and a selection without its upstream fails naming it."""
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from conftest import fake_assets, fake_profile_data
 from pipelines.definitions import make_resources
 from pipelines.io_manager import manifest_store_url
+from pipelines.locks import exclusive_output
 from pipelines.stages import STAGES
 from storage import fs
 from storage.fingerprint import fingerprint
@@ -78,4 +81,18 @@ def test_selection_without_upstream_names_the_missing_asset(fake_setup):
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     message = failure.event_specific_data.error.to_string()
     assert "upstream asset 'dinov2_features' of 'semvae'" in message and "never materialized" in message
+    assert fake_setup.runs() == []
+
+
+def test_an_output_still_being_written_by_a_live_process_fails_fast_naming_it(fake_setup):
+    """E.g. a stage left running by a killed orchestrator: a rerun must not become a second writer."""
+    values = {"value": 1.0, "source": "builtin:tiny"}  # imagenet_shards in the fake profile
+    out_url = fs.join(str(fake_setup.root), "imagenet_shards",
+                      fingerprint("imagenet_shards", STAGES["imagenet_shards"].code_version, values, {}))
+    with exclusive_output(out_url), dg.instance_for_test() as instance:
+        result = dg.materialize(fake_assets(), selection=["imagenet_shards"], resources=make_resources(),
+                                instance=instance, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert f"{out_url} is being written by pid {os.getpid()}" in failure.event_specific_data.error.to_string()
     assert fake_setup.runs() == []
