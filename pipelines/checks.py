@@ -1,10 +1,12 @@
 """Asset checks computed from a stage manifest (its stats and counts), never by re-reading the artifacts.
 
-Every stage asset declares the same four checks; ``fid_report`` adds ``fid_finite``. They are evaluated in the
-asset's own step (no extra process per check) right after the manifest is known.
+Every stage asset declares the same four checks; the FID assets add ``fid_finite``, the trained models
+``weights_readable``. They are evaluated in the asset's own step (no extra process per check) right after the
+manifest is known.
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Iterator
 
@@ -17,8 +19,10 @@ EXPECTED_COUNTS = "expected_counts"
 STATS_IN_RANGE = "stats_in_range"
 ARTIFACTS_EXIST = "artifacts_exist"
 FID_FINITE = "fid_finite"
+WEIGHTS_READABLE = "weights_readable"
 FID_METRIC = "fid"
 FID_ASSETS = ("fid_report", "checkpoint_fid")
+WEIGHTS_ASSETS = ("semvae", "sfd_model", "autoguidance_model")
 # Loose sanity bounds: a latent/feature mean beyond this or a collapsed std means a broken encoder or scaling.
 MAX_ABS_MEAN = 1e4
 STD_RANGE = (1e-6, 1e4)
@@ -41,6 +45,10 @@ def check_specs(asset: str) -> list[dg.AssetCheckSpec]:
     ]
     if asset in FID_ASSETS:
         specs.append(dg.AssetCheckSpec(FID_FINITE, asset=asset, description="FID was computed and is finite"))
+    if asset in WEIGHTS_ASSETS:
+        specs.append(dg.AssetCheckSpec(WEIGHTS_READABLE, asset=asset, blocking=True,
+                                       description="every .safetensors artifact has a valid header whose tensors "
+                                                   "fill the file exactly (read: the header only)"))
     return specs
 
 
@@ -120,6 +128,38 @@ def _fid(manifest: dict[str, Any]) -> tuple[bool, str]:
     return ok, f"FID = {value!r}"
 
 
+def safetensors_problem(url: str) -> str | None:
+    """Why ``url`` is not a complete safetensors file (None when it is), from its header and size alone."""
+    filesystem, path = fs.filesystem(url)
+    size = filesystem.size(path)
+    with filesystem.open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            return "shorter than a safetensors header"
+        header_len = int.from_bytes(prefix, "little")
+        if header_len <= 0 or 8 + header_len > size:
+            return f"header length {header_len} does not fit in {size} bytes"
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:
+            return f"header is not JSON ({e})"
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not tensors:
+        return "no tensors"
+    data_bytes = max(int(v["data_offsets"][1]) for v in tensors.values())
+    if 8 + header_len + data_bytes != size:
+        return f"tensors end at byte {8 + header_len + data_bytes}, the file has {size} (truncated or padded)"
+    return None
+
+
+def _weights(manifest: dict[str, Any]) -> tuple[bool, str]:
+    urls = [url for url in artifact_urls(manifest.get("artifacts") or {}) if url.endswith(".safetensors")]
+    problems = {url: problem for url in urls if (problem := safetensors_problem(url))}
+    if problems:
+        return False, f"unreadable: {problems}"
+    return bool(urls), f"{len(urls)} weight file(s) readable" if urls else "no .safetensors artifact"
+
+
 def evaluate(asset: str, manifest: dict[str, Any], expected_counts: dict[str, Any]) -> list[dg.AssetCheckResult]:
     """The results of ``check_specs(asset)`` for one manifest."""
     outcomes = {
@@ -128,8 +168,10 @@ def evaluate(asset: str, manifest: dict[str, Any], expected_counts: dict[str, An
         STATS_IN_RANGE: _in_range(manifest),
         ARTIFACTS_EXIST: _artifacts(manifest),
     }
-    if any(spec.name == FID_FINITE for spec in check_specs(asset)):
+    if asset in FID_ASSETS:
         outcomes[FID_FINITE] = _fid(manifest)
+    if asset in WEIGHTS_ASSETS:
+        outcomes[WEIGHTS_READABLE] = _weights(manifest)
     return [dg.AssetCheckResult(asset_key=asset, check_name=name, passed=passed,
                                 metadata={"detail": dg.MetadataValue.text(detail)})
             for name, (passed, detail) in outcomes.items()]

@@ -27,6 +27,9 @@ STANDINS_FLAG = "standins"      # ${pretrained.standins}: true when stand-ins ar
 STANDINS_DIR_ENV = "SFD_STANDINS_DIR"
 DEFAULT_STANDINS_DIR = Path.home() / ".cache" / "sfd-pipeline" / "standins"
 _SECTION_KEYS = {"source", "seed", "resolution"}
+# The networks sfd_core.standins.make_standins writes (named here so fingerprints need no torch import; a test
+# checks the two agree).
+STANDIN_NETWORKS = ("texture_vae", "texture_vae_f8", "dinov2", "inception", "semvae_official")
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Weights:
         """``${pretrained.*}`` values for fingerprints: stable across machines."""
         if self.source == STANDINS:
             tag = f"standins:seed={self.section.get('seed', 0)}:res={self._resolution()}"
-            return {STANDINS_FLAG: True, **{name: f"{tag}:{name}" for name in self._standin_names()}}
+            return {STANDINS_FLAG: True, **{name: f"{tag}:{name}" for name in STANDIN_NETWORKS}}
         return {STANDINS_FLAG: False, **{name: _file_identity(name, spec) for name, spec in self._files().items()}}
 
     def paths(self) -> dict[str, Any]:
@@ -58,10 +61,6 @@ class Weights:
 
     def _directory(self) -> Path:
         return self.standins_dir / f"seed{int(self.section.get('seed', 0))}-res{self._resolution()}"
-
-    @staticmethod
-    def _standin_names() -> tuple[str, ...]:
-        return "texture_vae", "texture_vae_f8", "dinov2", "inception", "semvae_official"
 
     def _make_standins(self) -> dict[str, Any]:
         directory = self._directory()

@@ -1,9 +1,9 @@
 """Profiles: a named, complete set of stage configs (``pipelines/profiles/<name>.yaml`` or a user YAML file).
 
 A profile file has ``description``, optional ``extends`` (a built-in name or a path, deep-merged under this file),
-``vars`` (shared values, used as ``${vars.x}``), ``compute`` and ``pretrained`` (defaults for those resources),
-``stages`` (asset -> stage config values, without ``out_url`` and upstream URIs, which the pipeline fills in) and
-``expect`` (asset -> expected manifest counts, used by the asset checks).
+``vars`` (shared values, used as ``${vars.x}`` anywhere below), ``compute`` and ``pretrained`` (defaults for those
+resources), ``stages`` (asset -> stage config values, without ``out_url`` and upstream URIs, which the pipeline
+fills in) and ``expect`` (asset -> expected manifest counts, used by the asset checks).
 
 ``validate_profile`` runs before any work and raises ``ConfigError`` naming the field and the fix.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from sfd_core.config import ConfigError
 from pipelines.stages import STAGES
+from sfd_core.config import ConfigError
 from storage import fs
 
 PROFILE_ENV = "SFD_PROFILE"
@@ -125,9 +125,11 @@ def load_profile(ref: str | None = None, overrides: dict[str, Any] | None = None
     if unknown:
         raise ConfigError(f"profile {name!r} ({path}): unknown stage(s) {unknown} under 'stages'; "
                           f"valid: {sorted(STAGES)}")
+    variables = {"vars": dict(data.get("vars") or {})}
     return Profile(name=name, origin=str(path), description=str(data.get("description", "")),
-                   vars=dict(data.get("vars") or {}), compute=dict(data.get("compute") or {}),
-                   pretrained=dict(data.get("pretrained") or {}), stages={k: dict(v or {}) for k, v in stages.items()},
+                   vars=variables["vars"], compute=substitute(dict(data.get("compute") or {}), variables),
+                   pretrained=substitute(dict(data.get("pretrained") or {}), variables),
+                   stages={k: dict(v or {}) for k, v in stages.items()},
                    expect={k: dict(v or {}) for k, v in (data.get("expect") or {}).items()})
 
 

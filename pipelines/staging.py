@@ -23,6 +23,7 @@ from pipelines import checks, metadata
 from pipelines.locks import StageBusyError, exclusive_output
 from pipelines.pretrained import Weights
 from pipelines.profiles import Profile, substitute, validate_profile
+from pipelines.resources import ComputeResource, PretrainedResource, ProfileResource, StorageResource
 from pipelines.stages import STAGES, StageSpec
 from storage import fs
 from storage.fingerprint import fingerprint
@@ -83,8 +84,9 @@ def _reported_metadata(invocation: Any) -> dict[str, Any]:
     return {}
 
 
-def run_stage(context: dg.AssetExecutionContext, plan: StagePlan, weights: Weights, compute_resource: Any,
-              compute: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_stage(context: dg.AssetExecutionContext, plan: StagePlan, weights: Weights,
+              compute_resource: ComputeResource, compute: dict[str, Any]
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the stage program through Pipes; returns (its manifest from storage, the metadata it reported)."""
     config = plan.config(weights)
     command = compute_resource.command(plan.spec.module, json.dumps(config, sort_keys=True),
@@ -101,8 +103,9 @@ def run_stage(context: dg.AssetExecutionContext, plan: StagePlan, weights: Weigh
     return manifest, _reported_metadata(invocation)
 
 
-def cached_or_run(context: dg.AssetExecutionContext, plan: StagePlan, weights: Weights, compute_resource: Any,
-                  compute: dict[str, Any], expected_counts: dict[str, Any]) -> Iterator[Any]:
+def cached_or_run(context: dg.AssetExecutionContext, plan: StagePlan, weights: Weights,
+                  compute_resource: ComputeResource, compute: dict[str, Any],
+                  expected_counts: dict[str, Any]) -> Iterator[Any]:
     """The stored manifest if the stage is complete, else run it; yields the Output and the asset's checks."""
     asset = context.asset_key.to_user_string()
     try:
@@ -134,7 +137,8 @@ class StageContext:
     weights: Weights
 
 
-def stage_context(storage: Any, profile_resource: Any, compute_resource: Any, pretrained: Any) -> StageContext:
+def stage_context(storage: StorageResource, profile_resource: ProfileResource, compute_resource: ComputeResource,
+                  pretrained: PretrainedResource) -> StageContext:
     """Load and validate the profile (raises ``ConfigError`` before any work) and resolve the resources."""
     profile = profile_resource.load()
     root = storage.url
@@ -145,7 +149,7 @@ def stage_context(storage: Any, profile_resource: Any, compute_resource: Any, pr
 
 
 def materialize_stage(context: dg.AssetExecutionContext, spec: StageSpec, ctx: StageContext,
-                      upstream_manifests: dict[str, dict[str, Any]], compute_resource: Any,
+                      upstream_manifests: dict[str, dict[str, Any]], compute_resource: ComputeResource,
                       profile_stage: str | None = None, overrides: dict[str, Any] | None = None,
                       locations: dict[str, str] | None = None,
                       extra_upstream: dict[str, str] | None = None) -> Iterator[Any]:

@@ -20,6 +20,8 @@ def fake_profile_data() -> dict:
     stages = {name: {"value": float(i + 1)} for i, name in enumerate(STAGES)}
     stages["imagenet_shards"]["source"] = "builtin:tiny"
     stages["sfd_samples"]["grid"] = True
+    for trained in ("semvae", "sfd_model", "autoguidance_model"):
+        stages[trained]["safetensors"] = True
     stages["sfd_model"]["device"] = "${compute.device}"
     return {"description": "fake stages for the Dagster-layer tests", "compute": {"device": "cpu"},
             "pretrained": {"source": "files"}, "stages": stages,

@@ -53,7 +53,8 @@ def test_sensor_and_schedule_request_each_new_checkpoint_once(fake_setup):
 
         upstream = _fake_upstream(root)
         # the model's fingerprint under the current (fake) profile: its values and its upstream fingerprints
-        model_fp = fingerprint("sfd_model", STAGES["sfd_model"].code_version, {"value": 7.0, "device": "cpu"},
+        values = {"value": 7.0, "device": "cpu", "safetensors": True}  # the fake profile's sfd_model
+        model_fp = fingerprint("sfd_model", STAGES["sfd_model"].code_version, values,
                                {name: upstream[name] for name in upstream_assets("sfd_model")})
         model_dir = fs.join(root, "sfd_model", model_fp)
         first = _commit_checkpoint(model_dir, 10)

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import fake_assets, fake_profile_data
 from pipelines.definitions import make_resources
-from pipelines.pretrained import Weights, resolve_pretrained
+from pipelines.pretrained import STANDIN_NETWORKS, resolve_pretrained
 from pipelines.profiles import (BUILTIN_PROFILES, KNOWN_MODELS, check_storage_root, load_profile, substitute,
                                 validate_profile)
 from pipelines.stages import STAGES
@@ -50,7 +50,7 @@ def test_known_models_and_standins_match_sfd_core():
     from sfd_core.standins import standin_specs
 
     assert set(KNOWN_MODELS) == set(MODEL_CONFIGS)
-    assert set(Weights._standin_names()) == set(standin_specs("x", 32))
+    assert set(STANDIN_NETWORKS) == set(standin_specs("x", 32))
 
 
 def test_user_file_extends_a_builtin_and_overrides_deeply(tmp_path, monkeypatch):
@@ -126,5 +126,6 @@ def test_wrong_profile_fails_the_run_before_any_stage_runs(fake_setup):
                                 instance=instance, raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "stages.sfd_model.model: unknown model size 'LightningDiT-Q/1'" in failure.event_specific_data.error.to_string()
+    message = failure.event_specific_data.error.to_string()
+    assert "stages.sfd_model.model: unknown model size 'LightningDiT-Q/1'" in message
     assert fake_setup.runs() == []
