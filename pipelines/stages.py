@@ -52,7 +52,7 @@ STAGES: dict[str, StageSpec] = {s.asset: s for s in [
               inputs={"model_url": "sfd_model", "guidance_model_url": "autoguidance_model",
                       "texture_url": "texture_latents"}),
     StageSpec("fid_report", "sfd_core.fid", "1", "eval",
-              "FID / sFID / IS / precision / recall of the samples against the reference, with a report.",
+              "FID / IS / KID / precision / recall of the samples against the reference, with a report.",
               inputs={"samples_url": "sfd_samples", "reference_url": "fid_reference"}),
 ]}
 

@@ -161,20 +161,45 @@ def test_training_killed_mid_stage_resumes_from_its_checkpoint(tiny_env, tiny_fi
     assert (first_checkpoint / "_COMPLETE.json").stat().st_mtime == committed  # resumed, not retrained
 
 
+def test_sensor_evaluates_the_newest_real_checkpoint_once(tiny_env, tiny_first_run):
+    """The new-checkpoint sensor on the built tiny root: it requests the newest committed sfd_model checkpoint as
+    a dynamic partition; sampling and FID of that partition run from the checkpoint's own weights and info."""
+    from pipelines.automation import new_checkpoint_sensor
+    from pipelines.checkpoints import PARTITIONS_NAME
+
+    assert tiny_first_run.success
+    with dg.instance_for_test() as instance:
+        with dg.build_sensor_context(instance=instance, resources=make_resources()) as context:
+            result = new_checkpoint_sensor(context)
+        [request] = result.run_requests
+        model = fs.read_json(manifest_store_url(str(tiny_env), "sfd_model"))
+        newest = sorted(os.listdir(Path(model["uri"]) / "checkpoints"))[-1]
+        assert newest in request.partition_key and result.cursor == request.partition_key
+        instance.add_dynamic_partitions(PARTITIONS_NAME, [request.partition_key])
+        evaluation = dg.materialize(all_assets, selection=["checkpoint_samples", "checkpoint_fid"],
+                                    partition_key=request.partition_key, resources=make_resources(),
+                                    instance=instance)
+        assert evaluation.success
+        fid = evaluation.asset_materializations_for_node("checkpoint_fid")[0]
+        assert fid.partition == request.partition_key and math.isfinite(fid.metadata["metrics/fid"].value)
+        with dg.build_sensor_context(instance=instance, cursor=result.cursor, resources=make_resources()) as again:
+            assert not new_checkpoint_sensor(again).run_requests   # each checkpoint is evaluated once
+
+
 @pytest.mark.s3
-def test_rerun_on_an_s3_root_is_cached(seaweed_s3, monkeypatch, standins_dir):
+def test_whole_graph_on_a_fresh_s3_root_then_rerun_is_cached(seaweed_s3, monkeypatch, standins_dir):
     seaweed_s3.apply_env(monkeypatch)
     fs.clear_filesystem_cache()
     root = seaweed_s3.fresh_url("sfd")
     monkeypatch.setenv("SFD_PROFILE", "tiny")
     monkeypatch.setenv("SFD_STANDINS_DIR", str(standins_dir))
     monkeypatch.setenv("SFD_LOCK_DIR", str(standins_dir.parent / "s3-locks"))
-    selection = dg.AssetSelection.assets("texture_latents").upstream()
-    first = _materialize(selection, storage_root=root)
-    second = _materialize(selection, storage_root=root)
+    first = _materialize(storage_root=root)    # a fresh bucket prefix: every stage computes into the bucket
+    second = _materialize(storage_root=root)   # same fingerprints: every stage is cached
     assert first.success and second.success
-    assert [_meta(first, n)["cached"].value for n in ("imagenet_shards", "texture_latents")] == [False, False]
-    assert [_meta(second, n)["cached"].value for n in ("imagenet_shards", "texture_latents")] == [True, True]
+    assert not any(_meta(first, stage)["cached"].value for stage in STAGES)
+    assert all(_meta(second, stage)["cached"].value for stage in STAGES)
+    assert math.isfinite(fs.read_json(manifest_store_url(root, "fid_report"))["metrics"]["fid"])
     manifest = fs.read_json(manifest_store_url(root, "texture_latents"))
     assert manifest["uri"].startswith(root + "/texture_latents/") and manifest["counts"]["images"] == 22
     keys = [o["Key"] for o in seaweed_s3.client().list_objects_v2(
