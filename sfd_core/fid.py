@@ -328,8 +328,9 @@ def render_report(metrics: dict[str, float], *, standins: bool, reference_source
         lines += ["", "KID and precision/recall are not available: the reference holds no pool features "
                       "(an ADM batch without `arr_0`)."]
     lines += ["", f"- samples: `{samples_uri}`", f"- reference: `{reference_uri}` ({reference_source})",
-              "- features: torch-fidelity `inception-v3-compat` (TF-compatible InceptionV3); FID/IS/KID by "
-              "torch-fidelity, precision/recall as in ADM's evaluator."]
+              "- features: torch-fidelity `inception-v3-compat` (TF-compatible InceptionV3); IS/KID by "
+              "torch-fidelity; FID in float64 with torch-fidelity's trace term (symmetric eigendecompositions); "
+              "precision/recall as in ADM's evaluator."]
     if grid_name:
         lines += ["", f"![samples]({grid_name})"]
     return "\n".join(lines) + "\n"
