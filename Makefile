@@ -17,6 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+	@$(BIN)/python -m pipelines.home >/dev/null   # creates $(DAGSTER_HOME) with dagster.yaml if missing
 
 # The whole graph (shards -> ... -> FID report) as Dagster assets on the tiny profile; a rerun is all cached.
 demo: install

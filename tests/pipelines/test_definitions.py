@@ -1,5 +1,6 @@
 """The one ``defs``: loads without torch, validates through the dagster CLI, has the asset graph of
 ARCHITECTURE.md, GPU stages in the "gpu" pool, and an instance config that works from a fresh home."""
+import os
 import subprocess
 import sys
 
@@ -12,9 +13,11 @@ from pipelines.stages import STAGES
 GPU_STAGES = set(STAGES) - {"imagenet_shards"}
 
 
-def test_definitions_validate_with_the_dagster_cli():
+def test_definitions_validate_with_the_dagster_cli(tmp_path):
+    home = ensure_dagster_home(tmp_path / "home")   # the CLI needs an existing DAGSTER_HOME
     done = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-m",
-                           "pipelines.definitions"], capture_output=True, text=True, timeout=300)
+                           "pipelines.definitions"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DAGSTER_HOME": str(home)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Validation successful" in done.stdout + done.stderr
 
