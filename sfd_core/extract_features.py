@@ -43,9 +43,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from sfd_core.config import ConfigError, load_config
 from sfd_core.imaging import load_rgb_array
 from sfd_core.reporting import Progress, log
+from sfd_core.stage_output import finished_manifest
 from storage import fs
 from storage.arrays import create_array, open_array, write_rows
-from sfd_core.stage_output import finished_manifest
 from storage.manifest import read_success, write_success
 from storage.parts import PartMarkers
 from storage.shards import iter_shard

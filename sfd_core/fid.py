@@ -29,8 +29,8 @@ from sfd_core.config import ConfigError, load_config
 from sfd_core.encoders.inception import build_inception, resolve_inception_weights
 from sfd_core.imaging import load_rgb_array
 from sfd_core.reporting import Progress, log
-from storage import fs
 from sfd_core.stage_output import finished_manifest
+from storage import fs
 from storage.manifest import read_success, write_success
 from storage.shards import iter_shard
 

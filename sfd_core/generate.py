@@ -35,8 +35,8 @@ from sfd_core.imaging import encode_image, load_rgb_array
 from sfd_core.models import build_model
 from sfd_core.reporting import Progress, log, metric
 from sfd_core.sampling import METHODS, decode_texture, labels_for_indices, sample
-from storage import fs
 from sfd_core.stage_output import finished_manifest
+from storage import fs
 from storage.manifest import read_success, write_success
 from storage.parts import PartMarkers
 from storage.shards import iter_shard, write_shard

@@ -41,8 +41,8 @@ from sfd_core.config import ConfigError, load_config
 from sfd_core.imaging import (DEFAULT_MAX_PIXELS, IMAGE_FORMATS, center_crop_arr, decode_image, encode_image,
                               needs_upscale)
 from sfd_core.reporting import Progress, log
-from storage import fs
 from sfd_core.stage_output import finished_manifest
+from storage import fs
 from storage.manifest import write_success
 from storage.parts import PartMarkers
 from storage.shards import write_shard

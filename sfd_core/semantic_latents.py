@@ -27,10 +27,10 @@ from sfd_core.config import ConfigError, load_config
 from sfd_core.latent_data import FEATURES_STORE, LATENTS_STORE, array_url, channel_stats, tokens_from_grid
 from sfd_core.reporting import Progress, log
 from sfd_core.semvae import SemVAE, load_semvae
+from sfd_core.stage_output import finished_manifest
 from sfd_core.train_semvae import WEIGHTS_FILE
 from storage import fs
 from storage.arrays import create_array, open_array, read_rows, write_rows
-from sfd_core.stage_output import finished_manifest
 from storage.manifest import read_success, write_success
 from storage.parts import PartMarkers
 

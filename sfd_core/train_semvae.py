@@ -29,11 +29,11 @@ from sfd_core.latent_data import (FEATURES_STORE, StreamBatches, WindowedArrays,
                                   streams_of_rank, tokens_from_grid)
 from sfd_core.reporting import log, metric
 from sfd_core.semvae import SemVAE, save_semvae, semvae_loss
+from sfd_core.stage_output import finished_manifest
 from sfd_core.train_state import (MODEL_FILE, LossCurve, MetricWindow, RunCheckpoints, StreamGenerators,
                                   commit_file, latest_complete, load_model_weights)
 from storage import fs
 from storage.arrays import open_array
-from sfd_core.stage_output import finished_manifest
 from storage.manifest import read_success, write_success
 
 STAGE = "semvae"

@@ -35,12 +35,12 @@ from sfd_core.latent_data import (FEATURES_STORE, LATENTS_STORE, LatentSources, 
                                   StreamBatches, array_url, channel_stats, sfd_plan, streams_of_rank)
 from sfd_core.models import build_model, model_config
 from sfd_core.reporting import log, metric
+from sfd_core.stage_output import finished_manifest
 from sfd_core.train_state import (EMA_FILE, MODEL_FILE, LossCurve, MetricWindow, RunCheckpoints,
                                   StreamGenerators, complete_steps, latest_complete, load_model_weights)
 from sfd_core.transport import LossConfig, sfd_training_loss
 from storage import fs
 from storage.arrays import open_array
-from sfd_core.stage_output import finished_manifest
 from storage.manifest import read_success, write_success
 
 STAGE = "sfd_model"
