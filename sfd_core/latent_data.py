@@ -20,8 +20,9 @@ in order, so the batch sequence does not depend on the number of workers. Arrays
 process (``worker_init``), never inherited through fork. A window crosses processes as compact tensors (one
 variant per sample, stored dtypes); ``finalize_batch`` makes each micro-batch in the consumer.
 
-A micro-batch mixes only the samples of one window, so the window must span many chunks when rows are stored
-in class order (ImageFolder order: a 256-row chunk is about one class): the trainers default to 4096 samples.
+A micro-batch mixes only the samples of one window. imagenet_shards writes rows in a seeded random order, so a
+chunk already mixes classes; the window (4096 samples by default) still spans many chunks, which also keeps
+sources stored in class order (shuffle off, or official caches) usable.
 """
 from __future__ import annotations
 
