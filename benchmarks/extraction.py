@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import platform
 import sys
 import time
@@ -38,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_json_report  # noqa: E402
 from sfd_core.builtin_data import iter_builtin  # noqa: E402
 from sfd_core.encoders import DINOv2Encoder, TextureVAE  # noqa: E402
 from sfd_core.encoders.dinov2 import DINOV2_MODEL_NAME  # noqa: E402
@@ -236,10 +235,7 @@ def main(argv=None) -> dict:
               "dino_batch": args.dino_batch, "naive_batch": NAIVE_BATCH, "compile": args.compile,
               "smoke": args.smoke, "results": results}
     print(markdown(results))
-    out_path = args.json or (os.path.join(os.environ["OUT"], "extraction.json") if os.environ.get("OUT") else None)
-    if out_path:
-        Path(out_path).write_text(json.dumps(report, indent=2))
-        print(f"wrote {out_path}")
+    write_json_report(report, "extraction", args.json)
     return report
 
 

@@ -20,7 +20,6 @@ Prints a Markdown table; writes JSON to $OUT/fid_features.json when OUT is set (
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_json_report  # noqa: E402
 from sfd_core import fid  # noqa: E402
 from sfd_core.builtin_data import iter_builtin  # noqa: E402
 from sfd_core.encoders.inception import random_inception_state_dict  # noqa: E402
@@ -153,10 +153,7 @@ def main(argv=None) -> dict[str, Any]:
             "metrics": bench_metrics(args.prc_real, args.prc_fake, device),
         }
     print(markdown(report))
-    out = args.json or (os.path.join(os.environ["OUT"], "fid_features.json") if os.environ.get("OUT") else None)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+    write_json_report(report, "fid_features", args.json)
     return report
 
 

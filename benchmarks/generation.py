@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import platform
 import sys
 import time
@@ -38,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_json_report  # noqa: E402
 from sfd_core import generate  # noqa: E402
 from sfd_core.encoders.texture_vae import LDM_F16D32_ARCH, TextureVAE, ldm_autoencoder_config  # noqa: E402
 from sfd_core.models import build_model  # noqa: E402
@@ -187,10 +186,7 @@ def main(argv=None) -> dict[str, Any]:
                                                       "official": dataclasses.asdict(official)},
     }
     print(markdown(results, speedup))
-    out = args.json or (os.path.join(os.environ["OUT"], "generation.json") if os.environ.get("OUT") else None)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+    write_json_report(report, "generation", args.json)
     return report
 
 

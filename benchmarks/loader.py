@@ -18,7 +18,6 @@ Prints a summary; writes JSON to $OUT/loader.json when OUT is set (or to --json)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_json_report  # noqa: E402
 from sfd_core.latent_data import (FEATURES_STORE, LATENTS_STORE, LatentSources, SFDLatentDataset,  # noqa: E402
                                   StreamBatches, array_url, sfd_plan)
 from sfd_core.models import model_config  # noqa: E402
@@ -197,10 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if args.data_dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    out = args.json or (os.path.join(os.environ["OUT"], "loader.json") if os.environ.get("OUT") else None)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
+    write_json_report(result, "loader", args.json)
     return result
 
 

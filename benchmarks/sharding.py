@@ -14,7 +14,6 @@ Prints a Markdown table; writes JSON to $OUT/sharding.json when OUT is set (or t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_json_report  # noqa: E402
 from sfd_core.builtin_data import CLASS_NAMES, load_photo  # noqa: E402
 from sfd_core.imagenet_shards import Config, CropSettings, _init_worker, prepare_sample, run  # noqa: E402
 
@@ -107,10 +107,7 @@ def main(argv=None) -> dict:
     lines += [f"| {s['workers']} | {s['images']} | {s['wall_s']:.1f} | {s['img_per_s_wall']:.1f} | "
               f"{s['img_per_s_processing']:.1f} | {s['img_per_s_per_worker']:.1f} |" for s in stages]
     print("\n".join(lines))
-    out_path = args.json or (os.path.join(os.environ["OUT"], "sharding.json") if os.environ.get("OUT") else None)
-    if out_path:
-        Path(out_path).write_text(json.dumps(report, indent=2))
-        print(f"wrote {out_path}")
+    write_json_report(report, "sharding", args.json)
     return report
 
 

@@ -32,7 +32,6 @@ import argparse
 import copy
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
@@ -44,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_json_report  # noqa: E402
 from sfd_core.models import build_model, model_config  # noqa: E402
 from sfd_core.reporting import log  # noqa: E402
 
@@ -386,11 +386,7 @@ def main(argv=None) -> dict:
           f"train {3 * train_fwd / 1e9:.1f} GFLOP/img (counted {counted_total / 1e9:.1f}), "
           f"sampler fwd {sample_fwd / 1e9:.1f} GFLOP/img\n")
     print(markdown(results))
-    out_path = args.json or (os.path.join(os.environ["OUT"], "train_step.json") if os.environ.get("OUT") else None)
-    if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(report, indent=2))
-        log(f"wrote {out_path}")
+    write_json_report(report, "train_step", args.json)
     return report
 
 

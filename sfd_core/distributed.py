@@ -10,6 +10,7 @@ import datetime
 import os
 import random
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -17,6 +18,8 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from sfd_core.reporting import log
 
 T = TypeVar("T")
 
@@ -67,6 +70,15 @@ def run_in_process_group(device: str | None, body: Callable[[DistInfo], T]) -> T
         return body(info)
     finally:
         cleanup()
+
+
+def main_until_interrupted(stage: str, body: Callable[[], Any]) -> None:
+    """A trainer's ``main``: run ``body``; a stop signal (checkpoint already written) exits with status 130."""
+    try:
+        body()
+    except TrainingInterrupted as stopped:
+        log(f"{stage}: {stopped}")
+        sys.exit(130)
 
 
 def is_distributed() -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -303,11 +302,7 @@ def _manifest(cfg: Config, upstream: Mapping[str, Any], arch: Mapping[str, Any],
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(Config, argv, description=__doc__.splitlines()[0])
-    try:
-        run(cfg)
-    except TrainingInterrupted as stopped:
-        log(f"train_semvae: {stopped}")
-        sys.exit(130)
+    dist_utils.main_until_interrupted("train_semvae", lambda: run(cfg))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -447,11 +446,7 @@ def _tensorboard_writer_dir_exists(cfg: Config) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(Config, argv, description=__doc__.splitlines()[0])
-    try:
-        run(cfg)
-    except TrainingInterrupted as stopped:
-        log(f"train_sfd: {stopped}")
-        sys.exit(130)
+    dist_utils.main_until_interrupted("train_sfd", lambda: run(cfg))
 
 
 if __name__ == "__main__":
