@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import write_json_report  # noqa: E402
+from benchmarks.report import print_kernel_profile, write_json_report  # noqa: E402
 from sfd_core.builtin_data import iter_builtin  # noqa: E402
 from sfd_core.encoders import DINOv2Encoder, TextureVAE  # noqa: E402
 from sfd_core.encoders.dinov2 import DINOV2_MODEL_NAME  # noqa: E402
@@ -129,6 +129,8 @@ def bench_texture(args, device: torch.device, images: torch.Tensor) -> dict[str,
     set_precision("bf16")
     optimised = images_per_second(lambda: fast(on_device, noise, noise_flip), args.batch, args.steps, args.warmup,
                                   device)
+    if args.profile:
+        print_kernel_profile(lambda: fast(on_device, noise, noise_flip), device, "texture VAE, optimised", top=30)
     k = min(ACCURACY_IMAGES, args.batch)
     with torch.no_grad():
         got = fast(on_device[:k], noise[:k], noise_flip[:k])
@@ -160,6 +162,8 @@ def bench_dino(args, device: torch.device, images: torch.Tensor) -> dict[str, An
 
     set_precision("bf16")
     optimised = images_per_second(lambda: fast(on_device), len(on_device), args.steps, args.warmup, device)
+    if args.profile:
+        print_kernel_profile(lambda: fast(on_device), device, "DINOv2, optimised", top=30)
     k = min(ACCURACY_IMAGES, args.dino_batch)
     with torch.no_grad():
         got = fast(on_device[:k])
@@ -215,6 +219,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny networks at 32 px, no compile")
     parser.add_argument("--encoders", default="texture,dinov2", help="which encoders to measure")
+    parser.add_argument("--profile", action="store_true", help="print the top device kernels of the optimised paths")
     parser.add_argument("--json", default=None, help="output path (default $OUT/extraction.json)")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -1,9 +1,11 @@
 """SFD training-step and sampler-forward throughput on one device, with MFU against a measured matmul ceiling.
 
 Training step = SFD loss forward (model in bf16 autocast with fp32 master weights, REPA on) + backward + fused
-AdamW + EMA update, on synthetic on-device batches (no data loading). Variants: eager, ``torch.compile`` default
-and ``mode="max-autotune-no-cudagraphs"``; the forward+loss function is compiled (the backward follows through
-AOTAutograd), the optimizer is fused AdamW and the EMA one multi-tensor lerp.
+AdamW + EMA update, on synthetic on-device batches (no data loading). Variants: eager, ``torch.compile`` default,
+``mode="max-autotune-no-cudagraphs"`` and ``mode="reduce-overhead"`` (CUDA graphs: no launch gaps, which matter
+at batch 32); the forward+loss function is compiled (the backward follows through AOTAutograd), the optimizer is
+fused AdamW and the EMA one multi-tensor lerp. Each runs with the residual stream in fp32 (official) and in bf16
+(``low_precision_residual``).
 
 FLOPs per image, forward, matmuls only (a multiply-add = 2 FLOPs), N tokens, H hidden, F SwiGLU hidden,
 L blocks, C input channels, p patch, R / D REPA projector hidden / output widths:
@@ -43,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.report import write_json_report  # noqa: E402
+from benchmarks.report import print_kernel_profile, write_json_report  # noqa: E402
 from sfd_core.models import build_model, model_config  # noqa: E402
 from sfd_core.reporting import log  # noqa: E402
 
@@ -53,7 +55,11 @@ except ImportError:  # pragma: no cover
     LossConfig = None
     sfd_training_loss = None
 
-COMPILE_MODES = {"eager": None, "compile": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+COMPILE_MODES = {"eager": None, "compile": "default", "max-autotune": "max-autotune-no-cudagraphs",
+                 "cudagraphs": "reduce-overhead"}
+# Residual stream under autocast: "fp32" (promoted by the fp32 position embedding, the official behaviour) or
+# "bf16" (LightningDiT(low_precision_residual=True): stays in the autocast dtype).
+RESIDUAL_STREAMS = {"fp32": False, "bf16": True}
 EMA_DECAY = 0.9999
 
 
@@ -142,35 +148,6 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 
 
-def print_kernel_profile(step, device: torch.device, title: str, steps: int = 3, top: int = 25) -> None:
-    """Where the device time of a few steps goes: the top kernels and a coarse split by kernel family."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA] \
-        if device.type == "cuda" else list(prof.key_averages())
-    attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    total = sum(getattr(e, attr) for e in events) or 1.0
-    families = {"gemm": ("gemm", "cutlass", "sm90", "nvjet", "cublas", "mm_"), "attention": ("flash", "fmha", "attention"),
-                "optimizer": ("adam", "foreach", "lerp", "multi_tensor"), "triton": ("triton",)}
-    split = dict.fromkeys(list(families) + ["other"], 0.0)
-    for e in events:
-        name = e.key.lower()
-        fam = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
-        split[fam] += getattr(e, attr)
-    print(f"\n#### kernel profile: {title} ({steps} steps, {total / steps / 1e3:.1f} ms device time per step)")
-    print(" | ".join(f"{f} {100 * v / total:.1f}%" for f, v in split.items()))
-    for e in events[:top]:
-        print(f"{100 * getattr(e, attr) / total:5.1f}%  {getattr(e, attr) / steps / 1e3:7.2f} ms/step  "
-              f"x{e.count // steps:<4d} {e.key[:110]}")
-
-
 # ------------------------------------------------------------------------------------------ training step
 def local_sfd_loss(model, x1, y, dino, delta_t=0.3, semantic_channels=16, semantic_weight=2.0, repa_weight=1.0):
     """SFD objective (SPEC 5.1-5.2), used only when ``sfd_core.transport`` is unavailable."""
@@ -198,12 +175,13 @@ def make_loss_fn(model, semantic_channels: int):
     return lambda x1, y, dino: local_sfd_loss(model, x1, y, dino, semantic_channels=semantic_channels)["loss"]
 
 
-def bench_train(args, cfg: dict, device: torch.device, variant: str, batch: int, flops_per_image: float,
-                ceiling: float) -> dict:
+def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: str, batch: int,
+                flops_per_image: float, ceiling: float) -> dict:
     reset_memory(device)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = build_model(args.model, **args.overrides).to(device).train()
+    overrides = {**args.overrides, "low_precision_residual": RESIDUAL_STREAMS[residual]}
+    model = build_model(args.model, **overrides).to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     ema_params = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
@@ -219,6 +197,8 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, batch: int,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step():
+        if variant == "cudagraphs":   # a new iteration: earlier graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = loss_fn(x1, y, dino)
         loss.backward()
@@ -238,9 +218,9 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, batch: int,
             loss = step()
     step_s = timer.seconds / args.steps
     if args.profile:
-        print_kernel_profile(step, device, f"train {variant} batch {batch}")
+        print_kernel_profile(step, device, f"train {variant}, {residual} residual, batch {batch}")
     img_per_s = batch / step_s
-    result = {"kind": "train", "variant": variant, "batch": batch, "step_ms": 1e3 * step_s, "img_per_s": img_per_s,
+    result = {"kind": "train", "variant": variant, "residual": residual, "batch": batch, "step_ms": 1e3 * step_s, "img_per_s": img_per_s,
               "tflops": 3 * flops_per_image * img_per_s / 1e12, "mfu": 3 * flops_per_image * img_per_s / ceiling,
               "peak_mem_gib": peak_memory_gib(device), "warmup_s": warmup_s, "loss": float(loss.detach())}
     del model, ema, optimizer, params, ema_params, loss_fn
@@ -283,15 +263,15 @@ def bench_sampler(args, cfg: dict, device: torch.device, variant: str, precision
 
 # ------------------------------------------------------------------------------------------------- driver
 def markdown(results: list[dict]) -> str:
-    lines = ["| run | variant | precision | batch | ms/step | img/s | TFLOP/s | MFU | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | variant | precision | residual | batch | ms/step | img/s | TFLOP/s | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        head = f"| {r['kind']} | {r['variant']} | {r.get('precision', 'bf16 autocast')} | {r.get('residual', '-')} |"
         if "error" in r:
-            lines.append(f"| {r['kind']} | {r['variant']} | {r.get('precision', 'bf16')} | {r['batch']} | "
-                         f"error: {r['error'][:60]} | | | | |")
+            lines.append(f"{head} {r['batch']} | error: {r['error'][:60]} | | | | |")
             continue
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-        lines.append(f"| {r['kind']} | {r['variant']} | {r.get('precision', 'bf16 autocast')} | {r['batch']} | "
+        lines.append(f"{head} {r['batch']} | "
                      f"{r['step_ms']:.1f} | {r['img_per_s']:.1f} | {r['tflops']:.3g} | {r['mfu']:.3f} | {mem} |")
     return "\n".join(lines)
 
@@ -305,6 +285,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 cuda, 1 cpu)")
     parser.add_argument("--variants", default=None,
                         help="comma list of eager,compile,max-autotune (default: all on cuda, eager on cpu)")
+    parser.add_argument("--residual", default="fp32,bf16",
+                        help=f"training residual streams, comma list of {sorted(RESIDUAL_STREAMS)}")
     parser.add_argument("--sampler-variants", default=None, help="default: eager,compile on cuda, eager on cpu")
     parser.add_argument("--sampler-batch", type=int, default=256)
     parser.add_argument("--ceiling-size", type=int, default=None, help="matmul size (default 8192 cuda, 1024 cpu)")
@@ -323,6 +305,10 @@ def parse_args(argv=None):
     for v in args.variants + args.sampler_variants:
         if v and v not in COMPILE_MODES:
             parser.error(f"unknown variant {v!r}; choose from {sorted(COMPILE_MODES)}")
+    args.residual = [r for r in args.residual.split(",") if r]
+    for r in args.residual:
+        if r not in RESIDUAL_STREAMS:
+            parser.error(f"unknown residual stream {r!r}; choose from {sorted(RESIDUAL_STREAMS)}")
     args.ceiling_size = args.ceiling_size or (8192 if cuda else 1024)
     args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     return args
@@ -360,13 +346,15 @@ def main(argv=None) -> dict:
 
     results = []
     for variant in args.variants:
-        for batch in (int(b) for b in args.batch_sizes.split(",")):
-            log(f"train step: {variant}, batch {batch}")
-            try:
-                results.append(bench_train(args, cfg, device, variant, batch, train_fwd, ceiling))
-            except torch.OutOfMemoryError as exc:   # report and continue with the other configurations
-                results.append({"kind": "train", "variant": variant, "batch": batch, "error": f"OOM: {exc}"[:300]})
-            log(json.dumps(results[-1]))
+        for residual in args.residual:
+            for batch in (int(b) for b in args.batch_sizes.split(",")):
+                log(f"train step: {variant}, {residual} residual, batch {batch}")
+                try:
+                    results.append(bench_train(args, cfg, device, variant, residual, batch, train_fwd, ceiling))
+                except torch.OutOfMemoryError as exc:   # report and continue with the other configurations
+                    results.append({"kind": "train", "variant": variant, "residual": residual, "batch": batch,
+                                    "error": f"OOM: {exc}"[:300]})
+                log(json.dumps(results[-1]))
     for variant in args.sampler_variants:
         for precision in ("bf16", "fp32"):
             log(f"sampler forward: {variant}, {precision}, batch {args.sampler_batch}")

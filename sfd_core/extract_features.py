@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sfd_core.config import ConfigError, load_config
+from sfd_core.encoders.group_norm import use_channels_last_group_norm
 from sfd_core.imaging import load_rgb_array
 from sfd_core.reporting import Progress, log
 from sfd_core.stage_output import finished_manifest
@@ -341,6 +342,8 @@ class TextureEncoder:
         self.autoencoder = vae.autoencoder.to(device=device, dtype=self.dtype)
         if channels_last:
             self.autoencoder.to(memory_format=torch.channels_last)
+            if compile:  # the stock GroupNorm compiles to strided NHWC reductions (see encoders.group_norm)
+                use_channels_last_group_norm(self.autoencoder.encoder)
         self.device, self.compiled_batch = device, 2 * batch_size if compile else None
         self._moments: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = self._posterior_moments
         if compile:

@@ -60,7 +60,7 @@ class LightningDiT(nn.Module):
                  semantic_channels: int = 16, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1, num_classes: int = 1000,
                  use_repa: bool = True, repa_depth: int = 2, repa_projector_dim: int = 2048,
-                 repa_out_dim: int = 768, learn_sigma: bool = False):
+                 repa_out_dim: int = 768, learn_sigma: bool = False, low_precision_residual: bool = False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -79,6 +79,10 @@ class LightningDiT(nn.Module):
         self.num_classes = num_classes
         self.use_repa = use_repa
         self.repa_depth = repa_depth
+        # Under autocast, keep the residual stream in the autocast dtype (bf16) instead of letting the fp32
+        # position embedding promote it: half the bytes for every norm, gate and residual add (the GPU
+        # training step is bound by that traffic between the matmuls). Without autocast nothing changes.
+        self.low_precision_residual = low_precision_residual
         self.grid_size = input_size // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -151,6 +155,8 @@ class LightningDiT(nn.Module):
     def run_backbone(self, x: torch.Tensor, c: torch.Tensor, with_repa: bool):
         """Blocks + final layer for conditioning vectors ``c``; returns (velocity, REPA projection or None)."""
         tokens = self.x_embedder(x) + self.pos_embed
+        if self.low_precision_residual and torch.is_autocast_enabled(tokens.device.type):
+            tokens = tokens.to(torch.get_autocast_dtype(tokens.device.type))
         projection = None
         for depth, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, c, self.feat_rope)
