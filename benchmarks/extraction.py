@@ -148,7 +148,7 @@ def bench_texture(args, device: torch.device, images: torch.Tensor) -> dict[str,
             naive_vae.encode(view).latent_dist.sample()
 
     set_precision("tf32")
-    naive = images_per_second(naive_step, len(naive_images), args.naive_steps, 1, device)
+    naive = images_per_second(naive_step, len(naive_images), args.naive_steps, args.warmup, device)
     one = on_device[:1]
     flops = counted_flops(lambda: strict(one, noise[:1], noise_flip[:1]))  # image + flip
     return _result("texture_vae_f16d32", optimised, naive, flops, accuracy, list(shape))
@@ -181,7 +181,7 @@ def bench_dino(args, device: torch.device, images: torch.Tensor) -> dict[str, An
             naive_dino.features_from_adm(view)
 
     set_precision("tf32")
-    naive = images_per_second(naive_step, len(naive_images), args.naive_steps, 1, device)
+    naive = images_per_second(naive_step, len(naive_images), args.naive_steps, args.warmup, device)
     flops = counted_flops(lambda: strict(on_device[:1]))
     return _result("dinov2_vitb14_reg4", optimised, naive, flops, accuracy, [base.embed_dim, base.grid, base.grid])
 
