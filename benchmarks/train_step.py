@@ -220,7 +220,8 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: s
     if args.profile:
         print_kernel_profile(step, device, f"train {variant}, {residual} residual, batch {batch}")
     img_per_s = batch / step_s
-    result = {"kind": "train", "variant": variant, "residual": residual, "batch": batch, "step_ms": 1e3 * step_s, "img_per_s": img_per_s,
+    result = {"kind": "train", "variant": variant, "residual": residual, "batch": batch, "step_ms": 1e3 * step_s,
+              "img_per_s": img_per_s,
               "tflops": 3 * flops_per_image * img_per_s / 1e12, "mfu": 3 * flops_per_image * img_per_s / ceiling,
               "peak_mem_gib": peak_memory_gib(device), "warmup_s": warmup_s, "loss": float(loss.detach())}
     del model, ema, optimizer, params, ema_params, loss_fn
@@ -284,7 +285,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 cuda, 1 cpu)")
     parser.add_argument("--variants", default=None,
-                        help="comma list of eager,compile,max-autotune (default: all on cuda, eager on cpu)")
+                        help=f"comma list of {sorted(COMPILE_MODES)} (default: eager,compile,max-autotune on "
+                             "cuda, eager on cpu)")
     parser.add_argument("--residual", default="fp32,bf16",
                         help=f"training residual streams, comma list of {sorted(RESIDUAL_STREAMS)}")
     parser.add_argument("--sampler-variants", default=None, help="default: eager,compile on cuda, eager on cpu")

@@ -24,7 +24,7 @@ STAGES: dict[str, StageSpec] = {s.asset: s for s in [
     StageSpec("imagenet_shards", "sfd_core.imagenet_shards", "2", "data",  # 2: shuffled shard order
               "ImageNet-style images as WebDataset tars (ADM center crop to the profile resolution).",
               gpu=False),
-    StageSpec("texture_latents", "sfd_core.extract_features", "1", "features",
+    StageSpec("texture_latents", "sfd_core.extract_features", "2", "features",  # 2: compiled NHWC GroupNorm
               "SD-VAE f16d32 posterior samples of every image and its h-flip (Zarr).",
               inputs={"shards_url": "imagenet_shards"}),
     StageSpec("dinov2_features", "sfd_core.extract_features", "1", "features",

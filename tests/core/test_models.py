@@ -441,3 +441,32 @@ def test_plain_xl_layout_matches_lightningdit_param_count_and_unknown_layout_is_
     assert len(model.state_dict()) == 417 - 8 + 4 - 6  # one H-wide t_embedder, no REPA projector
     with pytest.raises(ValueError, match="redi_pca8"):
         layout("redi")
+
+
+# ------------------------------------------------------------------------------------------ residual stream
+def _block_input_dtypes(model, x, t, y):
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype)) for b in model.blocks]
+    try:
+        out = model(x, t, y)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, set(seen)
+
+
+def test_low_precision_residual_keeps_the_stream_in_the_autocast_dtype():
+    default = randomize(tiny_sfd()).eval()
+    low = randomize(tiny_sfd(low_precision_residual=True)).eval()
+    x, t, y = sfd_inputs()
+    # Without autocast the option changes nothing, bit for bit.
+    assert torch.equal(low(x, t, y), default(x, t, y))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_default, dtypes_default = _block_input_dtypes(default, x, t, y)
+        out_low, dtypes_low = _block_input_dtypes(low, x, t, y)
+    assert dtypes_default == {torch.float32} and dtypes_low == {torch.bfloat16}
+    reference = default(x, t, y).double()
+    scale = reference.abs().max()
+    # bf16 rounding of the stream: same function within bf16 error, but not the identical computation.
+    assert (out_low.double() - reference).abs().max() / scale < 3e-2
+    assert not torch.equal(out_low, out_default)
