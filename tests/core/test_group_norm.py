@@ -75,3 +75,20 @@ def test_swapped_vae_encoder_keeps_its_state_dict_and_encodes_the_same():
         got = fast.encode(x.contiguous(memory_format=torch.channels_last)).latent_dist
     torch.testing.assert_close(got.mean, want.mean, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.std, want.std, rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_compiled_channels_last_extraction_path_swaps_the_encoder_norms():
+    from diffusers import AutoencoderKL
+
+    from sfd_core.encoders import TextureVAE
+    from sfd_core.extract_features import TextureEncoder
+
+    def norm_types(compile: bool, channels_last: bool) -> set[type]:
+        vae = TextureVAE(AutoencoderKL(**ldm_autoencoder_config({**TINY_LDM_ARCH, "sample_size": 32})), "ldm_f16d32")
+        encoder = TextureEncoder(vae, torch.device("cpu"), "fp32", compile, channels_last,
+                                 batch_size=2)   # torch.compile is lazy: nothing compiles here
+        return {type(m) for m in encoder.autoencoder.encoder.modules() if isinstance(m, nn.GroupNorm)}
+
+    assert norm_types(compile=True, channels_last=True) == {ChannelsLastGroupNorm}
+    assert norm_types(compile=False, channels_last=True) == {nn.GroupNorm}
+    assert norm_types(compile=True, channels_last=False) == {nn.GroupNorm}
