@@ -12,6 +12,12 @@ from sfd_core.encoders.texture_vae import ldm_autoencoder_config
 from sfd_core.standins import TINY_LDM_ARCH
 
 
+def tiny_ldm_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**ldm_autoencoder_config({**TINY_LDM_ARCH, "sample_size": 32})).eval()
+
+
 def random_group_norm(groups: int, channels: int, seed: int) -> nn.GroupNorm:
     torch.manual_seed(seed)
     norm = nn.GroupNorm(groups, channels, eps=1e-6)
@@ -57,11 +63,20 @@ def test_other_layouts_and_ranks_take_the_stock_op():
         assert torch.equal(fast(x), norm(x))
 
 
-def test_swapped_vae_encoder_keeps_its_state_dict_and_encodes_the_same():
-    from diffusers import AutoencoderKL
+def test_compiled_matches_float64_group_norm():
+    """The stage runs this module under torch.compile; the compiled graph computes the same function."""
+    stock = random_group_norm(8, 32, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    x = (3 * torch.randn(2, 32, 9, 7, generator=gen) + 100.0).to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(stock).double()(x.double())
+    fast = copy.deepcopy(stock)
+    use_channels_last_group_norm(fast)
+    torch.testing.assert_close(torch.compile(fast)(x).double(), reference, rtol=1e-5, atol=2e-5)
 
+
+def test_swapped_vae_encoder_keeps_its_state_dict_and_encodes_the_same():
     torch.manual_seed(0)
-    vae = AutoencoderKL(**ldm_autoencoder_config({**TINY_LDM_ARCH, "sample_size": 32})).eval()
+    vae = tiny_ldm_vae()
     with torch.no_grad():
         for p in vae.parameters():
             p.add_(0.05 * torch.randn(p.shape))
@@ -78,15 +93,12 @@ def test_swapped_vae_encoder_keeps_its_state_dict_and_encodes_the_same():
 
 
 def test_only_the_compiled_channels_last_extraction_path_swaps_the_encoder_norms():
-    from diffusers import AutoencoderKL
-
     from sfd_core.encoders import TextureVAE
     from sfd_core.extract_features import TextureEncoder
 
     def norm_types(compile: bool, channels_last: bool) -> set[type]:
-        vae = TextureVAE(AutoencoderKL(**ldm_autoencoder_config({**TINY_LDM_ARCH, "sample_size": 32})), "ldm_f16d32")
-        encoder = TextureEncoder(vae, torch.device("cpu"), "fp32", compile, channels_last,
-                                 batch_size=2)   # torch.compile is lazy: nothing compiles here
+        encoder = TextureEncoder(TextureVAE(tiny_ldm_vae(), "ldm_f16d32"), torch.device("cpu"), "fp32", compile,
+                                 channels_last, batch_size=2)   # torch.compile is lazy: nothing compiles here
         return {type(m) for m in encoder.autoencoder.encoder.modules() if isinstance(m, nn.GroupNorm)}
 
     assert norm_types(compile=True, channels_last=True) == {ChannelsLastGroupNorm}
