@@ -33,8 +33,10 @@ def print_kernel_profile(step, device: torch.device, title: str, steps: int = 3,
     attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
     total = sum(getattr(e, attr) for e in events) or 1.0
-    families = {"gemm": ("gemm", "cutlass", "sm90", "nvjet", "cublas", "mm_"),
-                "attention": ("flash", "fmha", "attention"),
+    # first match wins: cuDNN attention kernel names contain "sm90" too
+    families = {"sfd kernels": ("qkv_norm_rope", "swiglu"),
+                "attention": ("flash", "fmha", "attention", "sdpa", "cudnn::fusion"),
+                "gemm": ("gemm", "cutlass", "sm90", "nvjet", "cublas", "mm_"),
                 "optimizer": ("adam", "foreach", "lerp", "multi_tensor"), "triton": ("triton",)}
     split = dict.fromkeys(list(families) + ["other"], 0.0)
     for e in events:

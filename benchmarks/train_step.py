@@ -56,10 +56,13 @@ except ImportError:  # pragma: no cover
     sfd_training_loss = None
 
 COMPILE_MODES = {"eager": None, "compile": "default", "max-autotune": "max-autotune-no-cudagraphs",
-                 "cudagraphs": "reduce-overhead"}
+                 "cudagraphs": "reduce-overhead", "regional": "default",
+                 "regional-max-autotune": "max-autotune-no-cudagraphs"}
 # Residual stream under autocast: "fp32" (promoted by the fp32 position embedding, the official behaviour) or
 # "bf16" (LightningDiT(low_precision_residual=True): stays in the autocast dtype).
 RESIDUAL_STREAMS = {"fp32": False, "bf16": True}
+# "stock" modules, or "fused": LightningDiT(fused_kernels=True), the Triton kernels of sfd_core.kernels.
+KERNELS = {"stock": False, "fused": True}
 EMA_DECAY = 0.9999
 
 
@@ -175,12 +178,13 @@ def make_loss_fn(model, semantic_channels: int):
     return lambda x1, y, dino: local_sfd_loss(model, x1, y, dino, semantic_channels=semantic_channels)["loss"]
 
 
-def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: str, batch: int,
+def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: str, kernels: str, batch: int,
                 flops_per_image: float, ceiling: float) -> dict:
     reset_memory(device)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    overrides = {**args.overrides, "low_precision_residual": RESIDUAL_STREAMS[residual]}
+    overrides = {**args.overrides, "low_precision_residual": RESIDUAL_STREAMS[residual],
+                 "fused_kernels": KERNELS[kernels]}
     model = build_model(args.model, **overrides).to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -188,7 +192,10 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: s
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
                                   fused=device.type == "cuda")
     loss_fn = make_loss_fn(model, cfg["semantic_channels"])
-    if COMPILE_MODES[variant]:
+    if variant.startswith("regional"):   # one compile of a block, reused by all of them
+        for block in model.blocks:
+            block.compile(mode=COMPILE_MODES[variant], dynamic=False)
+    elif COMPILE_MODES[variant]:
         loss_fn = torch.compile(loss_fn, mode=COMPILE_MODES[variant], dynamic=False)
     x1 = torch.randn(batch, cfg["in_channels"], cfg["input_size"], cfg["input_size"], device=device)
     y = torch.randint(0, cfg["num_classes"], (batch,), device=device)
@@ -218,9 +225,11 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: s
             loss = step()
     step_s = timer.seconds / args.steps
     if args.profile:
-        print_kernel_profile(step, device, f"train {variant}, {residual} residual, batch {batch}")
+        print_kernel_profile(step, device, f"train {variant}, {residual} residual, {kernels} kernels, batch {batch}",
+                             top=45)
     img_per_s = batch / step_s
-    result = {"kind": "train", "variant": variant, "residual": residual, "batch": batch, "step_ms": 1e3 * step_s,
+    result = {"kind": "train", "variant": variant, "residual": residual, "kernels": kernels, "batch": batch,
+              "step_ms": 1e3 * step_s,
               "img_per_s": img_per_s,
               "tflops": 3 * flops_per_image * img_per_s / 1e12, "mfu": 3 * flops_per_image * img_per_s / ceiling,
               "peak_mem_gib": peak_memory_gib(device), "warmup_s": warmup_s, "loss": float(loss.detach())}
@@ -264,10 +273,11 @@ def bench_sampler(args, cfg: dict, device: torch.device, variant: str, precision
 
 # ------------------------------------------------------------------------------------------------- driver
 def markdown(results: list[dict]) -> str:
-    lines = ["| run | variant | precision | residual | batch | ms/step | img/s | TFLOP/s | MFU | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | variant | precision | residual | kernels | batch | ms/step | img/s | TFLOP/s | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        head = f"| {r['kind']} | {r['variant']} | {r.get('precision', 'bf16 autocast')} | {r.get('residual', '-')} |"
+        head = (f"| {r['kind']} | {r['variant']} | {r.get('precision', 'bf16 autocast')} | {r.get('residual', '-')} "
+                f"| {r.get('kernels', '-')} |")
         if "error" in r:
             lines.append(f"{head} {r['batch']} | error: {r['error'][:60]} | | | | |")
             continue
@@ -289,6 +299,11 @@ def parse_args(argv=None):
                              "cuda, eager on cpu)")
     parser.add_argument("--residual", default="fp32,bf16",
                         help=f"training residual streams, comma list of {sorted(RESIDUAL_STREAMS)}")
+    parser.add_argument("--kernels", default="stock", help=f"training kernels, comma list of {sorted(KERNELS)}")
+    parser.add_argument("--qkv-config", default=None, metavar="FWD_ROWS,FWD_WARPS,BWD_ROWS,BWD_WARPS",
+                        help="launch configuration of the fused qkv_norm_rope kernels (see benchmarks/kernels.py)")
+    parser.add_argument("--swiglu-config", default=None, metavar="ROWS,COLS,WARPS",
+                        help="launch configuration of the fused swiglu kernels")
     parser.add_argument("--sampler-variants", default=None, help="default: eager,compile on cuda, eager on cpu")
     parser.add_argument("--sampler-batch", type=int, default=256)
     parser.add_argument("--ceiling-size", type=int, default=None, help="matmul size (default 8192 cuda, 1024 cpu)")
@@ -311,6 +326,17 @@ def parse_args(argv=None):
     for r in args.residual:
         if r not in RESIDUAL_STREAMS:
             parser.error(f"unknown residual stream {r!r}; choose from {sorted(RESIDUAL_STREAMS)}")
+    args.kernels = [k for k in args.kernels.split(",") if k]
+    for k in args.kernels:
+        if k not in KERNELS:
+            parser.error(f"unknown kernels {k!r}; choose from {sorted(KERNELS)}")
+    if args.qkv_config:
+        from sfd_core.kernels import qkv_norm_rope as qkv_module
+        values = [int(v) for v in args.qkv_config.split(",")]
+        qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG = tuple(values[:2]), tuple(values[2:])
+    if args.swiglu_config:
+        from sfd_core.kernels import swiglu as swiglu_module
+        swiglu_module.CONFIG = tuple(int(v) for v in args.swiglu_config.split(","))
     args.ceiling_size = args.ceiling_size or (8192 if cuda else 1024)
     args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     return args
@@ -349,14 +375,16 @@ def main(argv=None) -> dict:
     results = []
     for variant in args.variants:
         for residual in args.residual:
-            for batch in (int(b) for b in args.batch_sizes.split(",")):
-                log(f"train step: {variant}, {residual} residual, batch {batch}")
-                try:
-                    results.append(bench_train(args, cfg, device, variant, residual, batch, train_fwd, ceiling))
-                except torch.OutOfMemoryError as exc:   # report and continue with the other configurations
-                    results.append({"kind": "train", "variant": variant, "residual": residual, "batch": batch,
-                                    "error": f"OOM: {exc}"[:300]})
-                log(json.dumps(results[-1]))
+            for kernels in args.kernels:
+                for batch in (int(b) for b in args.batch_sizes.split(",")):
+                    log(f"train step: {variant}, {residual} residual, {kernels} kernels, batch {batch}")
+                    try:
+                        results.append(bench_train(args, cfg, device, variant, residual, kernels, batch, train_fwd,
+                                                   ceiling))
+                    except torch.OutOfMemoryError as exc:   # report and continue with the other configurations
+                        results.append({"kind": "train", "variant": variant, "residual": residual,
+                                        "kernels": kernels, "batch": batch, "error": f"OOM: {exc}"[:300]})
+                    log(json.dumps(results[-1]))
     for variant in args.sampler_variants:
         for precision in ("bf16", "fp32"):
             log(f"sampler forward: {variant}, {precision}, batch {args.sampler_batch}")

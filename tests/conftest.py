@@ -9,9 +9,17 @@ Use either with ``server.apply_env(monkeypatch)`` (or ``monkeypatch.setenv`` ove
 """
 from __future__ import annotations
 
-import pytest
+import os
 
-from s3servers import MotoS3Server, SeaweedS3Server
+import pytest
+import torch
+
+# Without a GPU, the Triton kernels of sfd_core.kernels run in Triton's interpreter on CPU tensors (read when the
+# kernels are defined, so set before anything imports them).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from s3servers import MotoS3Server, SeaweedS3Server  # noqa: E402
 
 
 @pytest.fixture(scope="session")

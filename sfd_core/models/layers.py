@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sfd_core.kernels import kernels_run_on
+from sfd_core.kernels.qkv_norm_rope import qkv_norm_rope
+from sfd_core.kernels.swiglu import swiglu
 from sfd_core.models.rope import VisionRotaryEmbeddingFast
 
 
@@ -27,23 +30,30 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``w3(silu(gate) * value)`` where ``w12`` produces [gate | value] in one matmul."""
+    """``w3(silu(gate) * value)`` where ``w12`` produces [gate | value] in one matmul. ``fused`` computes the
+    middle with the ``sfd::swiglu`` kernel where it can run (``sfd_core.kernels``)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.w12 = nn.Linear(dim, 2 * hidden_dim)
         self.w3 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w12(x).chunk(2, dim=-1)
+        h = self.w12(x)
+        if self.fused and kernels_run_on(h):
+            return self.w3(swiglu(h))
+        gate, value = h.chunk(2, dim=-1)
         return self.w3(F.silu(gate) * value)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with fused qkv, QK RMSNorm and 2-D RoPE, computed by SDPA (flash on GPU)."""
+    """Multi-head self-attention with fused qkv, QK RMSNorm and 2-D RoPE, computed by SDPA (flash on GPU).
+    ``fused`` does the split, norms and RoPE in the ``sfd::qkv_norm_rope`` kernel where it can run."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, fused: bool = False):
         super().__init__()
+        self.fused = fused
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
@@ -56,10 +66,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: VisionRotaryEmbeddingFast) -> torch.Tensor:
         batch, tokens, dim = x.shape
         # qkv rows are ordered (3, heads, head_dim), as in the official checkpoints.
-        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q = rope(self.q_norm(q))
-        k = rope(self.k_norm(k))
+        qkv = self.qkv(x)
+        if self.fused and kernels_run_on(qkv):
+            q, k, v = (t.transpose(1, 2) for t in qkv_norm_rope(
+                qkv, self.q_norm.weight, self.k_norm.weight, rope.freqs_cos, rope.freqs_sin, self.num_heads,
+                self.q_norm.eps))
+        else:
+            q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q = rope(self.q_norm(q))
+            k = rope(self.k_norm(k))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 

@@ -19,12 +19,12 @@ Timesteps = torch.Tensor | Sequence[torch.Tensor]
 
 
 class LightningDiTBlock(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, fused_kernels: bool = False):
         super().__init__()
         self.norm1 = RMSNorm(hidden_size)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, fused=fused_kernels)
         self.norm2 = RMSNorm(hidden_size)
-        self.mlp = SwiGLU(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)))
+        self.mlp = SwiGLU(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)), fused=fused_kernels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: VisionRotaryEmbeddingFast) -> torch.Tensor:
@@ -60,7 +60,8 @@ class LightningDiT(nn.Module):
                  semantic_channels: int = 16, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1, num_classes: int = 1000,
                  use_repa: bool = True, repa_depth: int = 2, repa_projector_dim: int = 2048,
-                 repa_out_dim: int = 768, learn_sigma: bool = False, low_precision_residual: bool = False):
+                 repa_out_dim: int = 768, learn_sigma: bool = False, low_precision_residual: bool = False,
+                 fused_kernels: bool = False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -83,6 +84,9 @@ class LightningDiT(nn.Module):
         # position embedding promote it: half the bytes for every norm, gate and residual add (the GPU
         # training step is bound by that traffic between the matmuls). Without autocast nothing changes.
         self.low_precision_residual = low_precision_residual
+        # Triton kernels (sfd_core.kernels) for the qkv split + QK norm + RoPE and the SwiGLU middle, on CUDA;
+        # same parameters and numerics to bf16 precision, a faster training step.
+        self.fused_kernels = fused_kernels
         self.grid_size = input_size // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -97,7 +101,8 @@ class LightningDiT(nn.Module):
         # Fixed sin-cos embedding; a frozen Parameter (not a buffer) because the official state dict has it.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
         self.feat_rope = VisionRotaryEmbeddingFast(hidden_size // num_heads, self.grid_size)
-        self.blocks = nn.ModuleList(LightningDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(LightningDiTBlock(hidden_size, num_heads, mlp_ratio, fused_kernels)
+                                    for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         if use_repa:
             self.repa_projector = repa_projector(hidden_size, repa_projector_dim, repa_out_dim)

@@ -17,18 +17,29 @@ def run_script(name: str, *args: str) -> str:
     return done.stdout
 
 
-def test_train_step_measures_both_residual_streams(tmp_path):
+def test_train_step_measures_residual_streams_and_kernels(tmp_path):
     out = tmp_path / "train_step.json"
     stdout = run_script("train_step.py", "--model", "LightningDiT-tiny/1", "--device", "cpu", "--steps", "1",
                         "--batch-sizes", "2", "--variants", "eager", "--residual", "fp32,bf16",
-                        "--sampler-variants", "none", "--profile", "--json", str(out))
+                        "--kernels", "stock,fused", "--sampler-variants", "none", "--profile", "--json", str(out))
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert [(r["variant"], r["residual"], r["batch"]) for r in rows] == [("eager", "fp32", 2), ("eager", "bf16", 2)]
+    assert [(r["variant"], r["residual"], r["kernels"], r["batch"]) for r in rows] == [
+        ("eager", residual, kernels, 2) for residual in ("fp32", "bf16") for kernels in ("stock", "fused")]
     assert all(r["img_per_s"] > 0 and math.isfinite(r["loss"]) for r in rows)
     # The analytic FLOP count is the one the counter measures (XL/1: within 1e-4; this tiny model, 0.4%).
     assert abs(report["flops"]["train_ratio_counted_over_analytic"] - 1.0) < 1e-2
-    assert "kernel profile: train eager, bf16 residual, batch 2" in stdout
+    assert "kernel profile: train eager, bf16 residual, fused kernels, batch 2" in stdout
+
+
+def test_kernels_benchmark_times_both_paths_and_the_sweep(tmp_path):
+    out = tmp_path / "kernels.json"
+    run_script("kernels.py", "--device", "cpu", "--batch", "1", "--tokens", "16", "--hidden", "48", "--heads", "2",
+               "--mlp-hidden", "24", "--reps", "1", "--sweep", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert [r["op"] for r in report["results"]] == ["qkv_norm_rope", "swiglu"]
+    assert all(r["fused_fwd_bwd_ms"] > 0 and r["stock_fwd_bwd_ms"] > 0 for r in report["results"])
+    assert len(report["qkv_norm_rope_sweep"]) == 12 and len(report["swiglu_sweep"]) == 6
 
 
 def test_extraction_smoke_compares_with_strict_fp32(tmp_path):

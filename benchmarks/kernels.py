@@ -1,0 +1,174 @@
+"""The fused Triton kernels of sfd_core.kernels against the stock modules compiled by Inductor, at model shapes.
+
+For each op: forward and forward+backward time of the stock path (``torch.compile`` of the unfused module code,
+what the compiled training step runs without ``fused_kernels``) and of the fused op, the speed-up, and the fused
+kernels' effective memory bandwidth (bytes that must move / time). ``--sweep`` also times launch configurations
+of both ops (rows / columns per program, warps; the defaults in their modules come from this sweep).
+
+    python benchmarks/kernels.py                          # XL/1 shapes at batch 128 on cuda
+    python benchmarks/kernels.py --device cpu --batch 2 --tokens 16 --hidden 48 --heads 2 --reps 1  # smoke run
+
+Writes JSON to $OUT/kernels.json when OUT is set (or to --json).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report import write_json_report  # noqa: E402
+from sfd_core.kernels import qkv_norm_rope as qkv_module  # noqa: E402
+from sfd_core.kernels import swiglu as swiglu_module  # noqa: E402
+from sfd_core.kernels.qkv_norm_rope import qkv_norm_rope  # noqa: E402
+from sfd_core.kernels.swiglu import swiglu  # noqa: E402
+from sfd_core.models.layers import RMSNorm  # noqa: E402
+from sfd_core.models.rope import VisionRotaryEmbeddingFast  # noqa: E402
+from sfd_core.reporting import log  # noqa: E402
+
+
+def median_ms(fn, device: torch.device, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def stock_qkv_norm_rope(qkv, q_norm, k_norm, rope, num_heads):
+    """Attention.forward without fused kernels, up to the SDPA inputs."""
+    batch, tokens, width = qkv.shape
+    q, k, v = qkv.view(batch, tokens, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return rope(q_norm(q)), rope(k_norm(k)), v
+
+
+def stock_swiglu(h):
+    gate, value = h.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
+def timed_pair(name, stock_fn, fused_fn, inputs, grads_like, device, reps, fused_bytes) -> dict:
+    """Forward and forward+backward times of both paths; ``grads_like`` maps outputs to their upstream grads."""
+    def forward_backward(fn):
+        def run():
+            for t in inputs:
+                t.grad = None
+            outs = fn()
+            torch.autograd.backward(outs, grads_like(outs))
+        return run
+
+    row = {"op": name}
+    for label, fn in (("stock", stock_fn), ("fused", fused_fn)):
+        with torch.no_grad():
+            row[f"{label}_fwd_ms"] = median_ms(fn, device, reps)
+        row[f"{label}_fwd_bwd_ms"] = median_ms(forward_backward(fn), device, reps)
+    row["speedup_fwd"] = row["stock_fwd_ms"] / row["fused_fwd_ms"]
+    row["speedup_fwd_bwd"] = row["stock_fwd_bwd_ms"] / row["fused_fwd_bwd_ms"]
+    row["fused_fwd_bwd_gb_per_s"] = fused_bytes / (row["fused_fwd_bwd_ms"] * 1e-3) / 1e9
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=1152)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--mlp-hidden", type=int, default=3072)
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="time qkv_norm_rope launch configurations too")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    compile_stock = device.type == "cuda"
+    b, n, h, heads = args.batch, args.tokens, args.hidden, args.heads
+    head_dim, grid = h // heads, int(round(n ** 0.5))
+    item = torch.finfo(dtype).bits // 8
+
+    torch.manual_seed(0)
+    qkv = torch.randn(b, n, 3 * h, device=device, dtype=dtype).requires_grad_()
+    q_norm, k_norm = RMSNorm(head_dim).to(device), RMSNorm(head_dim).to(device)
+    rope = VisionRotaryEmbeddingFast(head_dim, grid).to(device)
+    stock_attn = torch.compile(stock_qkv_norm_rope) if compile_stock else stock_qkv_norm_rope
+
+    def fused_attn():
+        return qkv_norm_rope(qkv, q_norm.weight, k_norm.weight, rope.freqs_cos, rope.freqs_sin, heads, q_norm.eps)
+
+    # SDPA hands back dq, dk, dv in the layout of its inputs: [B, N, H, D] memory seen as [B, H, N, D]
+    def attn_grads(outs):
+        return [torch.ones(b, n, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+                if o.shape[1] == heads else torch.ones_like(o) for o in outs]
+
+    # forward: read qkv, write q, k, v; backward: read raw q and k, dq, dk, dv, write dqkv
+    qkv_bytes = (2 + 2 / 3 + 2) * qkv.numel() * item
+    rows = [timed_pair("qkv_norm_rope", lambda: stock_attn(qkv, q_norm, k_norm, rope, heads), fused_attn,
+                       [qkv, q_norm.weight, k_norm.weight], attn_grads, device, args.reps, qkv_bytes)]
+
+    mlp_in = torch.randn(b, n, 2 * args.mlp_hidden, device=device, dtype=dtype).requires_grad_()
+    stock_mlp = torch.compile(stock_swiglu) if compile_stock else stock_swiglu
+    swiglu_bytes = (1.5 + 2.5) * mlp_in.numel() * item   # fwd read h write h/2; bwd read h + h/2, write h
+    rows.append(timed_pair("swiglu", lambda: stock_mlp(mlp_in), lambda: swiglu(mlp_in), [mlp_in],
+                           lambda out: torch.ones_like(out), device, args.reps, swiglu_bytes))
+
+    sweep, swiglu_sweep = [], []
+    if args.sweep:
+        defaults = (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.CONFIG)
+        outs = fused_attn()
+        grads = [g.contiguous() for g in attn_grads(outs)]
+        mlp_grad = torch.ones(b, n, args.mlp_hidden, device=device, dtype=dtype)
+        try:
+            for block_rows in (8, 16, 32, 64):
+                for warps in (2, 4, 8):
+                    qkv_module.FORWARD_CONFIG = qkv_module.BACKWARD_CONFIG = (block_rows, warps)
+                    with torch.no_grad():
+                        fwd = median_ms(fused_attn, device, args.reps)
+                    bwd = median_ms(lambda: qkv_module.qkv_norm_rope_backward(
+                        *grads, qkv, q_norm.weight, k_norm.weight, rope.freqs_cos, rope.freqs_sin, heads,
+                        q_norm.eps), device, args.reps)
+                    sweep.append({"block_rows": block_rows, "warps": warps, "fwd_ms": fwd, "bwd_ms": bwd})
+                    log(f"qkv_norm_rope rows/program {block_rows}, warps {warps}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms")
+            for config in ((16, 128, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8), (32, 128, 8), (16, 256, 8)):
+                swiglu_module.CONFIG = config
+                with torch.no_grad():
+                    fwd = median_ms(lambda: swiglu(mlp_in), device, args.reps)
+                bwd = median_ms(lambda: swiglu_module.swiglu_backward(mlp_grad, mlp_in), device, args.reps)
+                swiglu_sweep.append({"config": config, "fwd_ms": fwd, "bwd_ms": bwd})
+                log(f"swiglu (rows, cols, warps) {config}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms")
+        finally:
+            qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.CONFIG = defaults
+
+    print(f"\n### fused kernels, batch {b} x {n} tokens, hidden {h}, {heads} heads, bf16 "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})\n")
+    print("| op | stock fwd ms | fused fwd ms | speed-up | stock fwd+bwd ms | fused fwd+bwd ms | speed-up | fused GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['op']} | {r['stock_fwd_ms']:.3f} | {r['fused_fwd_ms']:.3f} | {r['speedup_fwd']:.2f}x | "
+              f"{r['stock_fwd_bwd_ms']:.3f} | {r['fused_fwd_bwd_ms']:.3f} | {r['speedup_fwd_bwd']:.2f}x | "
+              f"{r['fused_fwd_bwd_gb_per_s']:.0f} |")
+    report = {"device": str(device), "torch": torch.__version__, "batch": b, "tokens": n, "hidden": h,
+              "heads": heads, "mlp_hidden": args.mlp_hidden, "stock_compiled": compile_stock, "results": rows,
+              "qkv_norm_rope_sweep": sweep, "swiglu_sweep": swiglu_sweep}
+    write_json_report(report, "kernels", args.json)
+    return report
+
+
+if __name__ == "__main__":
+    main()

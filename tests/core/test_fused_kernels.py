@@ -1,0 +1,129 @@
+"""The Triton kernels of sfd_core.kernels against float64 references of the stock modules.
+
+On a machine without a GPU they run in Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1); on a GPU machine the same tests run the compiled kernels on CUDA tensors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sfd_core.kernels import kernels_run_on
+from sfd_core.kernels.qkv_norm_rope import qkv_norm_rope
+from sfd_core.kernels.swiglu import swiglu
+from sfd_core.models import build_model
+from sfd_core.models.layers import RMSNorm
+from sfd_core.models.rope import VisionRotaryEmbeddingFast
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16 results may differ from the stock modules by this many units in the last place: on a GPU only through the
+# fp32 sum order of the RMS statistic (rarely one); Triton's CPU interpreter rounds fp32 -> bf16 toward zero
+# instead of to nearest, which costs up to two more. RoPE sums two rounded O(1) terms, hence the atol.
+BF16_ULPS = 1 if DEVICE == "cuda" else 3
+BF16_TOLERANCE = dict(rtol=BF16_ULPS * 2 ** -7, atol=BF16_ULPS * 2 ** -6)   # atol: ulps of O(1) operands
+pytestmark = pytest.mark.skipif(not kernels_run_on(torch.empty(0, device=DEVICE)),
+                                reason="Triton is not installed")
+
+
+def stock_qkv_norm_rope(qkv, q_weight, k_weight, rope, num_heads, eps=1e-6):
+    """The unfused path of Attention.forward, returning [B, N, H, D] like the kernel."""
+    batch, tokens, width = qkv.shape
+    q, k, v = qkv.view(batch, tokens, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    norm = RMSNorm(q.shape[-1], eps)
+    q = rope(torch.func.functional_call(norm, {"weight": q_weight}, (q,)))
+    k = rope(torch.func.functional_call(norm, {"weight": k_weight}, (k,)))
+    return tuple(t.transpose(1, 2) for t in (q, k, v))
+
+
+def qkv_case(head_dim, batch=2, grid=4, heads=3, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(batch, grid * grid, 3 * heads * head_dim, generator=gen) * 2 + 0.3).to(DEVICE, dtype)
+    q_weight = (1 + 0.3 * torch.randn(head_dim, generator=gen)).to(DEVICE)
+    k_weight = (1 + 0.3 * torch.randn(head_dim, generator=gen)).to(DEVICE)
+    rope = VisionRotaryEmbeddingFast(head_dim, grid).to(DEVICE)
+    return qkv, q_weight, k_weight, rope, heads
+
+
+@pytest.mark.parametrize("head_dim", [8, 24])   # 24: not a power of two, like XL's 72
+def test_qkv_norm_rope_matches_float64_forward_and_backward(head_dim):
+    qkv, q_weight, k_weight, rope, heads = qkv_case(head_dim)
+    inputs = [t.detach().requires_grad_() for t in (qkv, q_weight, k_weight)]
+    fused = qkv_norm_rope(*inputs, rope.freqs_cos, rope.freqs_sin, heads, 1e-6)
+    reference_inputs = [t.detach().double().requires_grad_() for t in (qkv, q_weight, k_weight)]
+    reference = stock_qkv_norm_rope(*reference_inputs, rope.double(), heads)
+    for got, want in zip(fused, reference):
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in reference]
+    torch.autograd.backward(fused, grads)
+    torch.autograd.backward(reference, [g.double() for g in grads])
+    for got, want in zip(inputs, reference_inputs):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_qkv_norm_rope_in_bf16_rounds_like_the_stock_modules():
+    qkv, q_weight, k_weight, rope, heads = qkv_case(24, dtype=torch.bfloat16)
+    fused = qkv_norm_rope(qkv, q_weight, k_weight, rope.freqs_cos, rope.freqs_sin, heads, 1e-6)
+    stock = stock_qkv_norm_rope(qkv, q_weight, k_weight, rope, heads)
+    for got, want in zip(fused, stock):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), **BF16_TOLERANCE)
+    torch.testing.assert_close(fused[2], stock[2], rtol=0, atol=0)
+
+
+def test_qkv_norm_rope_passes_opcheck():
+    qkv, q_weight, k_weight, rope, heads = qkv_case(8, batch=1)
+    args = (qkv.requires_grad_(), q_weight.requires_grad_(), k_weight.requires_grad_(), rope.freqs_cos,
+            rope.freqs_sin, heads, 1e-6)
+    torch.library.opcheck(qkv_norm_rope, args, test_utils=("test_schema", "test_autograd_registration",
+                                                           "test_faketensor"))
+
+
+def test_swiglu_matches_float64_forward_and_backward():
+    gen = torch.Generator().manual_seed(2)
+    h = (torch.randn(3, 5, 2 * 40, generator=gen) * 3).to(DEVICE).requires_grad_()   # 40: partial tiles
+    reference_h = h.detach().double().requires_grad_()
+    gate, value = reference_h.chunk(2, dim=-1)
+    reference = F.silu(gate) * value
+    out = swiglu(h)
+    torch.testing.assert_close(out.double(), reference.detach(), rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, generator=gen).to(DEVICE)
+    out.backward(grad)
+    reference.backward(grad.double())
+    torch.testing.assert_close(h.grad.double(), reference_h.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_in_bf16_rounds_like_the_stock_module_and_passes_opcheck():
+    h = torch.randn(4, 2 * 24, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    gate, value = h.chunk(2, dim=-1)
+    torch.testing.assert_close(swiglu(h).float(), (F.silu(gate) * value).float(), **BF16_TOLERANCE)
+    torch.library.opcheck(swiglu, (h.float().requires_grad_(),),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_fused_tiny_model_matches_the_stock_model_and_loads_its_weights():
+    torch.manual_seed(0)
+    stock = build_model("LightningDiT-tiny/1", input_size=4).to(DEVICE)
+    fused = build_model("LightningDiT-tiny/1", input_size=4, fused_kernels=True).to(DEVICE)
+    with torch.no_grad():
+        for p in stock.parameters():
+            p.normal_(0, 0.1)
+    fused.load_state_dict(stock.state_dict(), strict=True)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 48, 4, 4, generator=gen).to(DEVICE)
+    t = (torch.rand(2, generator=gen).to(DEVICE), torch.rand(2, generator=gen).to(DEVICE))
+    y = torch.tensor([3, 7], device=DEVICE)
+    drop = torch.tensor([False, True], device=DEVICE)
+    outs = []
+    for model in (stock, fused):
+        velocity, projection = model(x, t, y, drop_labels=drop)
+        (velocity.square().mean() + projection.square().mean()).backward()
+        outs.append((velocity, projection, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (v0, p0, g0), (v1, p1, g1) = outs
+    torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p1, p0, rtol=1e-4, atol=1e-5)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-3, atol=1e-5, msg=name)
