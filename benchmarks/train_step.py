@@ -4,8 +4,9 @@ Training step = SFD loss forward (model in bf16 autocast with fp32 master weight
 AdamW + EMA update, on synthetic on-device batches (no data loading). Variants: eager, ``torch.compile`` default,
 ``mode="max-autotune-no-cudagraphs"`` and ``mode="reduce-overhead"`` (CUDA graphs: no launch gaps, which matter
 at batch 32); the forward+loss function is compiled (the backward follows through AOTAutograd), the optimizer is
-fused AdamW and the EMA one multi-tensor lerp. Each runs with the residual stream in fp32 (official) and in bf16
-(``low_precision_residual``).
+fused AdamW and the EMA one multi-tensor lerp. ``regional`` compiles one block and reuses it for all (seconds
+instead of minutes of compile). Each runs with the residual stream in fp32 (official) and in bf16
+(``low_precision_residual``), and with the stock modules or the Triton kernels (``--kernels fused``).
 
 FLOPs per image, forward, matmuls only (a multiply-add = 2 FLOPs), N tokens, H hidden, F SwiGLU hidden,
 L blocks, C input channels, p patch, R / D REPA projector hidden / output widths:

@@ -10,7 +10,7 @@ from qkv (cheaper than storing it), written straight into the [B, N, 3HD] qkv gr
 norm weights' gradients are per-program partial sums reduced afterwards.
 
 Without the kernel, Inductor lowers this to separate statistics, rotation, stacking and permute-copy kernels
-(about 30 ms of a 246 ms XL/1 step at batch 128 on an H200); the fused pair moves each byte once.
+(about 30 ms of a 246 ms XL/1 step at batch 128 on an H200); the fused pair takes 12 ms (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -117,8 +117,8 @@ if TRITON_AVAILABLE:
             tl.store(dqkv_ptr + src[:, None] + d[None, :], g.to(dqkv_ptr.dtype.element_ty), mask=mask)
 
 # (rows per program, warps), measured on an H200 at XL/1 shapes with benchmarks/kernels.py
-FORWARD_CONFIG = (16, 4)
-BACKWARD_CONFIG = (16, 4)
+FORWARD_CONFIG = (16, 2)
+BACKWARD_CONFIG = (32, 2)
 
 
 def _shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:

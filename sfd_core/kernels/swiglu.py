@@ -45,7 +45,7 @@ if TRITON_AVAILABLE:
         tl.store(dh_ptr + src + F, (grad * silu).to(dtype), mask=mask)
 
 # (rows per program, columns per program, warps), measured on an H200 at XL/1 shapes with benchmarks/kernels.py
-CONFIG = (16, 128, 4)
+CONFIG = (4, 512, 4)
 
 
 def _launch(kernel, *args, rows: int, hidden: int) -> None:
