@@ -38,6 +38,18 @@ if TRITON_AVAILABLE:
         return tl.reshape(tl.join(odd, -even), [BLOCK_R, BLOCK_D])
 
     @triton.jit
+    def _row_block(plane, rows, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's rows (image, token, head): offsets in qkv (src) and in [B, N, H, D] (dst), the token's
+        position in its image (pos), the column index and the mask."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d = tl.arange(0, BLOCK_D)
+        mask = (r < rows)[:, None] & (d < D)[None, :]
+        token = r // HEADS
+        src = token * (3 * HEADS * D) + plane * (HEADS * D) + (r % HEADS) * D
+        return src, r * D, token % TOKENS, d, mask
+
+    @triton.jit
     def _norm_rope_rows(qkv_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
                         D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         dtype = qkv_ptr.dtype.element_ty
@@ -58,13 +70,7 @@ if TRITON_AVAILABLE:
                                   HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
                                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         plane = tl.program_id(1)   # 0 q, 1 k, 2 v
-        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)   # (image, token, head) row
-        d = tl.arange(0, BLOCK_D)
-        mask = (r < rows)[:, None] & (d < D)[None, :]
-        token = r // HEADS
-        src = token * (3 * HEADS * D) + plane * (HEADS * D) + (r % HEADS) * D
-        dst = r * D
-        pos = token % TOKENS
+        src, dst, pos, d, mask = _row_block(plane, rows, HEADS, TOKENS, D, BLOCK_R, BLOCK_D)
         if plane == 0:
             _norm_rope_rows(qkv_ptr, q_ptr, qw_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
                             D, BLOCK_R, BLOCK_D)
@@ -97,14 +103,8 @@ if TRITON_AVAILABLE:
     def _qkv_norm_rope_bwd_kernel(qkv_ptr, dq_ptr, dk_ptr, dv_ptr, dqkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
                                   dw_partial_ptr, rows, eps, HEADS: tl.constexpr, TOKENS: tl.constexpr,
                                   D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        plane = tl.program_id(1)
-        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        d = tl.arange(0, BLOCK_D)
-        mask = (r < rows)[:, None] & (d < D)[None, :]
-        token = r // HEADS
-        src = token * (3 * HEADS * D) + plane * (HEADS * D) + (r % HEADS) * D
-        dst = r * D
-        pos = token % TOKENS
+        plane = tl.program_id(1)   # 0 q, 1 k, 2 v
+        src, dst, pos, d, mask = _row_block(plane, rows, HEADS, TOKENS, D, BLOCK_R, BLOCK_D)
         dw_ptr = dw_partial_ptr + (plane * tl.num_programs(0) + tl.program_id(0)) * D
         if plane == 0:
             _norm_rope_rows_backward(qkv_ptr, dq_ptr, dqkv_ptr, qw_ptr, cos_ptr, sin_ptr, dw_ptr, src, dst, pos, d,

@@ -16,28 +16,30 @@ if TRITON_AVAILABLE:
     import triton.language as tl
 
     @triton.jit
-    def _swiglu_fwd_kernel(h_ptr, out_ptr, rows, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
-        dtype = h_ptr.dtype.element_ty
+    def _load_tile(h_ptr, rows, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+        """This program's tile: offsets of the gate half in h [rows, 2F] (value = +F) and in [rows, F], the mask,
+        gate and value in fp32."""
         m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         mask = (m < rows)[:, None] & (f < F)[None, :]
         src = m[:, None] * (2 * F) + f[None, :]
         gate = tl.load(h_ptr + src, mask=mask, other=0.0).to(tl.float32)
         value = tl.load(h_ptr + src + F, mask=mask, other=0.0).to(tl.float32)
+        return src, m[:, None] * F + f[None, :], mask, gate, value
+
+    @triton.jit
+    def _swiglu_fwd_kernel(h_ptr, out_ptr, rows, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+        dtype = h_ptr.dtype.element_ty
+        src, dst, mask, gate, value = _load_tile(h_ptr, rows, F, BLOCK_M, BLOCK_F)
         silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-        tl.store(out_ptr + m[:, None] * F + f[None, :], (silu * value).to(dtype), mask=mask)
+        tl.store(out_ptr + dst, (silu * value).to(dtype), mask=mask)
 
     @triton.jit
     def _swiglu_bwd_kernel(grad_ptr, h_ptr, dh_ptr, rows, F: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_F: tl.constexpr):
         dtype = dh_ptr.dtype.element_ty
-        m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        mask = (m < rows)[:, None] & (f < F)[None, :]
-        src = m[:, None] * (2 * F) + f[None, :]
-        gate = tl.load(h_ptr + src, mask=mask, other=0.0).to(tl.float32)
-        value = tl.load(h_ptr + src + F, mask=mask, other=0.0).to(tl.float32)
-        grad = tl.load(grad_ptr + m[:, None] * F + f[None, :], mask=mask, other=0.0).to(tl.float32)
+        src, dst, mask, gate, value = _load_tile(h_ptr, rows, F, BLOCK_M, BLOCK_F)
+        grad = tl.load(grad_ptr + dst, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(gate)
         silu = (gate * sig).to(dtype).to(tl.float32)
         d_gate = grad * value * sig * (1.0 + gate * (1.0 - sig))
