@@ -230,8 +230,7 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: s
                              top=45)
     img_per_s = batch / step_s
     result = {"kind": "train", "variant": variant, "residual": residual, "kernels": kernels, "batch": batch,
-              "step_ms": 1e3 * step_s,
-              "img_per_s": img_per_s,
+              "step_ms": 1e3 * step_s, "img_per_s": img_per_s,
               "tflops": 3 * flops_per_image * img_per_s / 1e12, "mfu": 3 * flops_per_image * img_per_s / ceiling,
               "peak_mem_gib": peak_memory_gib(device), "warmup_s": warmup_s, "loss": float(loss.detach())}
     del model, ema, optimizer, params, ema_params, loss_fn
@@ -317,34 +316,37 @@ def parse_args(argv=None):
     cuda = args.device.startswith("cuda")
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     default_train, default_sampler = ("eager,compile,max-autotune", "eager,compile") if cuda else ("eager", "eager")
-    # "none" skips that half of the benchmark
-    args.variants = [v for v in (args.variants or default_train).split(",") if v and v != "none"]
-    args.sampler_variants = [v for v in (args.sampler_variants or default_sampler).split(",") if v and v != "none"]
-    for v in args.variants + args.sampler_variants:
-        if v and v not in COMPILE_MODES:
-            parser.error(f"unknown variant {v!r}; choose from {sorted(COMPILE_MODES)}")
-    args.residual = [r for r in args.residual.split(",") if r]
-    for r in args.residual:
-        if r not in RESIDUAL_STREAMS:
-            parser.error(f"unknown residual stream {r!r}; choose from {sorted(RESIDUAL_STREAMS)}")
-    args.kernels = [k for k in args.kernels.split(",") if k]
-    for k in args.kernels:
-        if k not in KERNELS:
-            parser.error(f"unknown kernels {k!r}; choose from {sorted(KERNELS)}")
-    if args.qkv_config:
-        from sfd_core.kernels import qkv_norm_rope as qkv_module
-        values = [int(v) for v in args.qkv_config.split(",")]
-        qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG = tuple(values[:2]), tuple(values[2:])
-    if args.swiglu_config:
-        from sfd_core.kernels import swiglu as swiglu_module
-        swiglu_module.CONFIG = tuple(int(v) for v in args.swiglu_config.split(","))
+
+    def choices(value: str, allowed: dict, what: str) -> list[str]:
+        picked = [v for v in value.split(",") if v and v != "none"]   # "none" skips that part of the benchmark
+        for v in picked:
+            if v not in allowed:
+                parser.error(f"unknown {what} {v!r}; choose from {sorted(allowed)}")
+        return picked
+
+    args.variants = choices(args.variants or default_train, COMPILE_MODES, "variant")
+    args.sampler_variants = choices(args.sampler_variants or default_sampler, COMPILE_MODES, "variant")
+    args.residual = choices(args.residual, RESIDUAL_STREAMS, "residual stream")
+    args.kernels = choices(args.kernels, KERNELS, "kernels")
     args.ceiling_size = args.ceiling_size or (8192 if cuda else 1024)
     args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     return args
 
 
+def set_kernel_launch_configs(args) -> None:
+    """``--qkv-config`` / ``--swiglu-config``: override the fused kernels' launch configurations for this run."""
+    if args.qkv_config:
+        from sfd_core.kernels import qkv_norm_rope as qkv_module
+        values = tuple(int(v) for v in args.qkv_config.split(","))
+        qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG = values[:2], values[2:]
+    if args.swiglu_config:
+        from sfd_core.kernels import swiglu as swiglu_module
+        swiglu_module.CONFIG = tuple(int(v) for v in args.swiglu_config.split(","))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    set_kernel_launch_configs(args)
     device = torch.device(args.device)
     cfg = model_config(args.model, **args.overrides)
     if device.type == "cuda":

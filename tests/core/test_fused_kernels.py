@@ -103,6 +103,18 @@ def test_swiglu_in_bf16_rounds_like_the_stock_module_and_passes_opcheck():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def autograd_node_names(tensor: torch.Tensor) -> set[str]:
+    """Names of every node in the autograd graph that produced ``tensor``."""
+    visited, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in visited:
+            visited.add(node)
+            names.add(node.name())
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 def test_fused_tiny_model_matches_the_stock_model_and_loads_its_weights():
     torch.manual_seed(0)
     stock = build_model("LightningDiT-tiny/1", input_size=4).to(DEVICE)
@@ -119,9 +131,13 @@ def test_fused_tiny_model_matches_the_stock_model_and_loads_its_weights():
     outs = []
     for model in (stock, fused):
         velocity, projection = model(x, t, y, drop_labels=drop)
+        outs.append((velocity, projection, autograd_node_names(velocity)))
         (velocity.square().mean() + projection.square().mean()).backward()
-        outs.append((velocity, projection, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (v0, p0, g0), (v1, p1, g1) = outs
+        outs[-1] += ({n: p.grad for n, p in model.named_parameters() if p.grad is not None},)
+    (v0, p0, nodes0, g0), (v1, p1, nodes1, g1) = outs
+    # the fused model really took the kernels (equal outputs alone would also hold for a silent fallback)
+    for op in ("sfd_qkv_norm_rope", "sfd_swiglu"):
+        assert any(op in name for name in nodes1) and not any(op in name for name in nodes0), op
     torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(p1, p0, rtol=1e-4, atol=1e-5)
     assert g0.keys() == g1.keys()
