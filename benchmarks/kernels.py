@@ -3,7 +3,7 @@
 For each op: forward and forward+backward time of the stock path (``torch.compile`` of the unfused module code,
 what the compiled training step runs without ``fused_kernels``) and of the fused op, the speed-up, and the fused
 kernels' effective memory bandwidth (bytes that must move / time). ``--sweep`` also times launch configurations
-of both ops (rows / columns per program, warps; the defaults in their modules come from this sweep).
+of the ops (rows / columns per program, warps; the defaults in their modules come from this sweep).
 
     python benchmarks/kernels.py                          # XL/1 shapes at batch 128 on cuda
     python benchmarks/kernels.py --device cpu --batch 2 --tokens 16 --hidden 48 --heads 2 --reps 1  # smoke run
@@ -24,11 +24,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import write_json_report  # noqa: E402
+from sfd_core.kernels import norm_modulate as norm_module  # noqa: E402
 from sfd_core.kernels import qkv_norm_rope as qkv_module  # noqa: E402
 from sfd_core.kernels import swiglu as swiglu_module  # noqa: E402
+from sfd_core.kernels.norm_modulate import norm_modulate, residual_norm_modulate  # noqa: E402
 from sfd_core.kernels.qkv_norm_rope import qkv_norm_rope  # noqa: E402
 from sfd_core.kernels.swiglu import swiglu  # noqa: E402
-from sfd_core.models.layers import RMSNorm  # noqa: E402
+from sfd_core.models.layers import RMSNorm, modulate  # noqa: E402
 from sfd_core.models.rope import VisionRotaryEmbeddingFast  # noqa: E402
 from sfd_core.reporting import log  # noqa: E402
 
@@ -63,6 +65,22 @@ def stock_swiglu(h):
     return F.silu(gate) * value
 
 
+# (rows per program, warps) tried for each pass of the norm_modulate kernels
+NORM_SWEEP = ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16))
+
+
+def stock_adaln_inputs(x, attn_out, gate, norm1, norm2, shift1, scale1, shift2, scale2):
+    """A block's adaLN work up to the MLP input, unfused: h1, the stream after the attention residual, h2."""
+    h1 = modulate(norm1(x), shift1, scale1)
+    x = x + gate.unsqueeze(1) * attn_out
+    return h1, x, modulate(norm2(x), shift2, scale2)
+
+
+def fused_adaln_inputs(x, attn_out, gate, norm1, norm2, shift1, scale1, shift2, scale2):
+    h1 = norm_modulate(x, norm1.weight, shift1, scale1, norm1.eps)
+    return (h1, *residual_norm_modulate(x, attn_out, gate, norm2.weight, shift2, scale2, norm2.eps))
+
+
 def timed_pair(name, stock_fn, fused_fn, inputs, grads_like, device, reps, fused_bytes) -> dict:
     """Forward and forward+backward times of both paths; ``grads_like`` maps outputs to their upstream grads."""
     def forward_backward(fn):
@@ -93,7 +111,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--mlp-hidden", type=int, default=3072)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true", help="time qkv_norm_rope launch configurations too")
+    parser.add_argument("--sweep", action="store_true", help="time launch configurations of the fused kernels too")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -128,9 +146,25 @@ def main(argv=None) -> dict:
     rows.append(timed_pair("swiglu", lambda: stock_mlp(mlp_in), lambda: swiglu(mlp_in), [mlp_in],
                            lambda out: torch.ones_like(out), device, args.reps, swiglu_bytes))
 
-    sweep, swiglu_sweep = [], []
+    stream, attn_out = (torch.randn(b, n, h, device=device, dtype=dtype).requires_grad_() for _ in range(2))
+    norm1, norm2 = RMSNorm(h).to(device), RMSNorm(h).to(device)
+    conditioning = [(0.1 * torch.randn(b, h, device=device, dtype=dtype)).requires_grad_() for _ in range(5)]
+    adaln_args = (stream, attn_out, conditioning[0], norm1, norm2, *conditioning[1:])
+    stock_adaln = torch.compile(stock_adaln_inputs) if compile_stock else stock_adaln_inputs
+    # compiled too: the fused ops' backward leaves its token sums to Inductor
+    fused_adaln = torch.compile(fused_adaln_inputs) if compile_stock else fused_adaln_inputs
+    # forward: read x, write h1; read x, attn_out, write stream, h2. backward rows: read dh1, x, write dx; read
+    # dh2, d stream, stream, write dx, d attn_out; token sums: read dh1, x; dh2, stream, attn_out, dx
+    adaln_bytes = 20 * stream.numel() * item
+    rows.append(timed_pair("norm_modulate (block pair)", lambda: stock_adaln(*adaln_args),
+                           lambda: fused_adaln(*adaln_args), [stream, attn_out, norm1.weight, norm2.weight,
+                                                                     *conditioning],
+                           lambda outs: [torch.ones_like(o) for o in outs], device, args.reps, adaln_bytes))
+
+    sweep, swiglu_sweep, norm_sweep = [], [], []
     if args.sweep:
-        defaults = (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.CONFIG)
+        defaults = (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.CONFIG,
+                    norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG)
         outs = fused_attn()
         grads = [g.contiguous() for g in attn_grads(outs)]
         mlp_grad = torch.ones(b, n, args.mlp_hidden, device=device, dtype=dtype)
@@ -152,8 +186,24 @@ def main(argv=None) -> dict:
                 bwd = median_ms(lambda: swiglu_module.swiglu_backward(mlp_grad, mlp_in), device, args.reps)
                 swiglu_sweep.append({"config": config, "fwd_ms": fwd, "bwd_ms": bwd})
                 log(f"swiglu (rows, cols, warps) {config}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms")
+            grad = torch.ones_like(stream)
+            for config in NORM_SWEEP:
+                norm_module.FORWARD_CONFIG = config
+                with torch.no_grad():
+                    fwd = median_ms(lambda: residual_norm_modulate(stream, attn_out, conditioning[0], norm2.weight,
+                                                                   *conditioning[3:], 1e-6), device, args.reps)
+                norm_sweep.append({"pass": "forward", "config": config, "ms": fwd})
+                log(f"residual_norm_modulate forward (rows, warps) {config}: {fwd:.3f} ms")
+            for config in NORM_SWEEP:
+                norm_module.BACKWARD_CONFIG = config
+                bwd = median_ms(lambda: norm_module.norm_modulate_backward(
+                    grad, grad, stream, attn_out, conditioning[0], norm2.weight, conditioning[4], dtype, 1e-6),
+                    device, args.reps)
+                norm_sweep.append({"pass": "backward", "config": config, "ms": bwd})
+                log(f"residual_norm_modulate backward rows (rows, warps) {config}: {bwd:.3f} ms")
         finally:
-            qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.CONFIG = defaults
+            (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.CONFIG,
+             norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG) = defaults
 
     print(f"\n### fused kernels, batch {b} x {n} tokens, hidden {h}, {heads} heads, bf16 "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})\n")
@@ -165,7 +215,8 @@ def main(argv=None) -> dict:
               f"{r['fused_fwd_bwd_gb_per_s']:.0f} |")
     report = {"device": str(device), "torch": torch.__version__, "batch": b, "tokens": n, "hidden": h,
               "heads": heads, "mlp_hidden": args.mlp_hidden, "stock_compiled": compile_stock, "results": rows,
-              "qkv_norm_rope_sweep": sweep, "swiglu_sweep": swiglu_sweep}
+              "qkv_norm_rope_sweep": sweep, "swiglu_sweep": swiglu_sweep,
+              "norm_modulate_sweep": norm_sweep}
     write_json_report(report, "kernels", args.json)
     return report
 

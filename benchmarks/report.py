@@ -34,7 +34,7 @@ def print_kernel_profile(step, device: torch.device, title: str, steps: int = 3,
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
     total = sum(getattr(e, attr) for e in events) or 1.0
     # first match wins: cuDNN attention kernel names contain "sm90" too
-    families = {"sfd kernels": ("qkv_norm_rope", "swiglu"),
+    families = {"sfd kernels": ("qkv_norm_rope", "swiglu", "norm_modulate"),
                 "attention": ("flash", "fmha", "attention", "sdpa", "cudnn::fusion"),
                 "gemm": ("gemm", "cutlass", "sm90", "nvjet", "cublas", "mm_"),
                 "optimizer": ("adam", "foreach", "lerp", "multi_tensor"), "triton": ("triton",)}

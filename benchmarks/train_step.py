@@ -62,8 +62,9 @@ COMPILE_MODES = {"eager": None, "compile": "default", "max-autotune": "max-autot
 # Residual stream under autocast: "fp32" (promoted by the fp32 position embedding, the official behaviour) or
 # "bf16" (LightningDiT(low_precision_residual=True): stays in the autocast dtype).
 RESIDUAL_STREAMS = {"fp32": False, "bf16": True}
-# "stock" modules, or "fused": LightningDiT(fused_kernels=True), the Triton kernels of sfd_core.kernels.
-KERNELS = {"stock": False, "fused": True}
+# "stock" modules, or "fused": LightningDiT(fused_kernels=True), the Triton kernels of sfd_core.kernels;
+# "fused-no-norm-modulate" leaves the adaLN norm + modulation to Inductor (to attribute that kernel's share).
+KERNELS = {"stock": False, "fused": True, "fused-no-norm-modulate": ("qkv_norm_rope", "swiglu")}
 EMA_DECAY = 0.9999
 
 
@@ -304,6 +305,8 @@ def parse_args(argv=None):
                         help="launch configuration of the fused qkv_norm_rope kernels (see benchmarks/kernels.py)")
     parser.add_argument("--swiglu-config", default=None, metavar="ROWS,COLS,WARPS",
                         help="launch configuration of the fused swiglu kernels")
+    parser.add_argument("--norm-config", default=None, metavar="FWD_ROWS,FWD_WARPS,BWD_ROWS,BWD_WARPS",
+                        help="launch configuration of the fused norm_modulate kernels")
     parser.add_argument("--sampler-variants", default=None, help="default: eager,compile on cuda, eager on cpu")
     parser.add_argument("--sampler-batch", type=int, default=256)
     parser.add_argument("--ceiling-size", type=int, default=None, help="matmul size (default 8192 cuda, 1024 cpu)")
@@ -334,7 +337,7 @@ def parse_args(argv=None):
 
 
 def set_kernel_launch_configs(args) -> None:
-    """``--qkv-config`` / ``--swiglu-config``: override the fused kernels' launch configurations for this run."""
+    """``--qkv-config`` / ``--swiglu-config`` / ``--norm-config``: override the fused kernels' launch configurations for this run."""
     if args.qkv_config:
         from sfd_core.kernels import qkv_norm_rope as qkv_module
         values = tuple(int(v) for v in args.qkv_config.split(","))
@@ -342,6 +345,10 @@ def set_kernel_launch_configs(args) -> None:
     if args.swiglu_config:
         from sfd_core.kernels import swiglu as swiglu_module
         swiglu_module.CONFIG = tuple(int(v) for v in args.swiglu_config.split(","))
+    if args.norm_config:
+        from sfd_core.kernels import norm_modulate as norm_module
+        values = tuple(int(v) for v in args.norm_config.split(","))
+        norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG = values[:2], values[2:]
 
 
 def main(argv=None) -> dict:

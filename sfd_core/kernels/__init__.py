@@ -5,11 +5,15 @@ lowers to several slow kernels (profiled in benchmarks/RESULTS.md):
 
 - ``qkv_norm_rope``: split the fused qkv projection, QK RMSNorm + 2-D RoPE on q and k, v copied, all in the
   [B, N, H, D] layout SDPA reads; its backward writes the whole qkv gradient in one pass.
+- ``norm_modulate`` / ``residual_norm_modulate``: the adaLN sublayer input ``RMSNorm(x) (1 + scale) + shift``,
+  optionally after the previous sublayer's gated residual; the backward does the token-axis sums of the
+  shift / scale / gate gradients in the same pass.
 - ``swiglu``: ``silu(gate) * value`` from the [gate | value] projection, with a one-pass backward.
 
 The ops are opaque to Inductor (one launch each, CUDA-graph safe). Their numerics follow the unfused modules,
 including the bf16 roundings between steps, so a fused model matches the stock one to bf16 precision.
-``LightningDiT(fused_kernels=True)`` uses them on CUDA tensors; elsewhere it runs the stock modules. With
+``LightningDiT(fused_kernels=True)`` uses them on CUDA tensors (or a subset: ``fused_kernels=["swiglu"]``, names
+in ``FUSED_OPS``); elsewhere it runs the stock modules. With
 ``TRITON_INTERPRET=1`` set before import, the kernels also run on CPU tensors (how the CPU tests check them).
 """
 from __future__ import annotations
@@ -23,6 +27,22 @@ except ImportError:  # CPU-only installs: the model falls back to its stock modu
     TRITON_AVAILABLE = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+FUSED_OPS = ("norm_modulate", "qkv_norm_rope", "swiglu")
+
+
+def fused_op_names(fused_kernels) -> frozenset[str]:
+    """``fused_kernels`` as given to the model (True: all, False/None: none, or names from FUSED_OPS) -> names."""
+    if fused_kernels is True:
+        return frozenset(FUSED_OPS)
+    if not fused_kernels:
+        return frozenset()
+    names = frozenset([fused_kernels] if isinstance(fused_kernels, str) else fused_kernels)
+    unknown = names - set(FUSED_OPS)
+    if unknown:
+        raise ValueError(f"unknown fused kernels {sorted(unknown)}; choose from {list(FUSED_OPS)}")
+    return names
 
 
 def kernels_run_on(tensor) -> bool:

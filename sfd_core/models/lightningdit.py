@@ -10,6 +10,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from sfd_core.kernels import fused_op_names, kernels_run_on
+from sfd_core.kernels.norm_modulate import norm_modulate, residual_norm_modulate
 from sfd_core.models.guidance import guided_velocity
 from sfd_core.models.layers import (Attention, LabelEmbedder, PatchEmbed, RMSNorm, SwiGLU, TimestepEmbedder,
                                     modulate, sincos_pos_embed_2d)
@@ -19,30 +21,40 @@ Timesteps = torch.Tensor | Sequence[torch.Tensor]
 
 
 class LightningDiTBlock(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, fused_kernels: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, fused_ops: frozenset[str] = frozenset()):
         super().__init__()
+        self.fused = "norm_modulate" in fused_ops
         self.norm1 = RMSNorm(hidden_size)
-        self.attn = Attention(hidden_size, num_heads, fused=fused_kernels)
+        self.attn = Attention(hidden_size, num_heads, fused="qkv_norm_rope" in fused_ops)
         self.norm2 = RMSNorm(hidden_size)
-        self.mlp = SwiGLU(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)), fused=fused_kernels)
+        self.mlp = SwiGLU(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)), fused="swiglu" in fused_ops)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: VisionRotaryEmbeddingFast) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        if self.fused and kernels_run_on(x):
+            # the same sublayers with the norm, modulation and first gated residual in sfd::*norm_modulate
+            h = norm_modulate(x, self.norm1.weight, shift_msa, scale_msa, self.norm1.eps)
+            x, h = residual_norm_modulate(x, self.attn(h, rope), gate_msa, self.norm2.weight, shift_mlp, scale_mlp,
+                                          self.norm2.eps)
+            return x + gate_mlp.unsqueeze(1) * self.mlp(h)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, fused_norm: bool = False):
         super().__init__()
+        self.fused = fused_norm
         self.norm_final = RMSNorm(hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        if self.fused and kernels_run_on(x):
+            return self.linear(norm_modulate(x, self.norm_final.weight, shift, scale, self.norm_final.eps))
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -61,7 +73,7 @@ class LightningDiT(nn.Module):
                  mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1, num_classes: int = 1000,
                  use_repa: bool = True, repa_depth: int = 2, repa_projector_dim: int = 2048,
                  repa_out_dim: int = 768, learn_sigma: bool = False, low_precision_residual: bool = False,
-                 fused_kernels: bool = False):
+                 fused_kernels: bool | Sequence[str] = False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -84,9 +96,10 @@ class LightningDiT(nn.Module):
         # position embedding promote it: half the bytes for every norm, gate and residual add (the GPU
         # training step is bound by that traffic between the matmuls). Without autocast nothing changes.
         self.low_precision_residual = low_precision_residual
-        # Triton kernels (sfd_core.kernels) for the qkv split + QK norm + RoPE and the SwiGLU middle, on CUDA;
-        # same parameters and numerics to bf16 precision, a faster training step.
-        self.fused_kernels = fused_kernels
+        # Triton kernels (sfd_core.kernels) on CUDA, all (True) or those named (FUSED_OPS): the adaLN norm +
+        # modulation with the attention's gated residual, the qkv split + QK norm + RoPE, the SwiGLU middle. Same
+        # parameters and numerics to bf16 precision, a faster training step.
+        self.fused_kernels = fused_op_names(fused_kernels)
         self.grid_size = input_size // patch_size
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -101,9 +114,10 @@ class LightningDiT(nn.Module):
         # Fixed sin-cos embedding; a frozen Parameter (not a buffer) because the official state dict has it.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size ** 2, hidden_size), requires_grad=False)
         self.feat_rope = VisionRotaryEmbeddingFast(hidden_size // num_heads, self.grid_size)
-        self.blocks = nn.ModuleList(LightningDiTBlock(hidden_size, num_heads, mlp_ratio, fused_kernels)
+        self.blocks = nn.ModuleList(LightningDiTBlock(hidden_size, num_heads, mlp_ratio, self.fused_kernels)
                                     for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels,
+                                      "norm_modulate" in self.fused_kernels)
         if use_repa:
             self.repa_projector = repa_projector(hidden_size, repa_projector_dim, repa_out_dim)
         self.initialize_weights()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.kernels import NORM_SWEEP
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -21,7 +23,8 @@ def test_train_step_measures_residual_streams_and_kernels(tmp_path):
     out = tmp_path / "train_step.json"
     stdout = run_script("train_step.py", "--model", "LightningDiT-tiny/1", "--device", "cpu", "--steps", "1",
                         "--batch-sizes", "2", "--variants", "eager", "--residual", "fp32,bf16",
-                        "--kernels", "stock,fused", "--sampler-variants", "none", "--profile", "--json", str(out))
+                        "--kernels", "stock,fused", "--sampler-variants", "none", "--profile", "--set", "input_size=8",
+                        "--json", str(out))
     report = json.loads(out.read_text())
     rows = report["results"]
     assert [(r["variant"], r["residual"], r["kernels"], r["batch"]) for r in rows] == [
@@ -37,9 +40,20 @@ def test_kernels_benchmark_times_both_paths_and_the_sweep(tmp_path):
     run_script("kernels.py", "--device", "cpu", "--batch", "1", "--tokens", "16", "--hidden", "48", "--heads", "2",
                "--mlp-hidden", "24", "--reps", "1", "--sweep", "--json", str(out))
     report = json.loads(out.read_text())
-    assert [r["op"] for r in report["results"]] == ["qkv_norm_rope", "swiglu"]
+    assert [r["op"] for r in report["results"]] == ["qkv_norm_rope", "swiglu", "norm_modulate (block pair)"]
     assert all(r["fused_fwd_bwd_ms"] > 0 and r["stock_fwd_bwd_ms"] > 0 for r in report["results"])
     assert len(report["qkv_norm_rope_sweep"]) == 12 and len(report["swiglu_sweep"]) == 6
+    assert [r["pass"] for r in report["norm_modulate_sweep"]] == ["forward"] * len(NORM_SWEEP) + ["backward"] * len(
+        NORM_SWEEP)
+
+
+def test_attention_benchmark_times_each_head_dim(tmp_path):
+    out = tmp_path / "attention.json"
+    run_script("attention.py", "--device", "cpu", "--batch", "1", "--tokens", "16", "--heads", "2",
+               "--head-dims", "8,16", "--reps", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["head_dim"], r["backend"]) for r in rows] == [(8, "math"), (16, "math")]
+    assert all(r["fwd_bwd_ms"] > r["fwd_ms"] > 0 for r in rows)
 
 
 def test_extraction_smoke_compares_with_strict_fp32(tmp_path):

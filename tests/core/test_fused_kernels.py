@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from sfd_core.kernels import kernels_run_on
+from sfd_core.kernels.norm_modulate import norm_modulate, residual_norm_modulate
 from sfd_core.kernels.qkv_norm_rope import qkv_norm_rope
 from sfd_core.kernels.swiglu import swiglu
 from sfd_core.models import build_model
-from sfd_core.models.layers import RMSNorm
+from sfd_core.models.layers import RMSNorm, modulate
 from sfd_core.models.rope import VisionRotaryEmbeddingFast
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,6 +104,78 @@ def test_swiglu_in_bf16_rounds_like_the_stock_module_and_passes_opcheck():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def stock_norm_modulate(x, weight, shift, scale, y=None, gate=None, eps=1e-6):
+    """The unfused block code: optional gated residual, then modulate(RMSNorm(x)); returns (stream, h)."""
+    if y is not None:
+        x = x + gate.unsqueeze(1) * y
+    norm = RMSNorm(x.shape[-1], eps)
+    return x, modulate(torch.func.functional_call(norm, {"weight": weight}, (x,)), shift, scale)
+
+
+def norm_modulate_case(batch=3, tokens=10, width=40, dtype=torch.float32, seed=5):
+    """x, y [B, N, C], gate, shift, scale [B, C] and the norm weight; width 40 leaves a partial column tile."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, width, generator=gen) * 2 + 0.3
+    y = torch.randn(batch, tokens, width, generator=gen)
+    gate, shift = torch.randn(2, batch, width, generator=gen)
+    scale = 0.5 * torch.randn(batch, width, generator=gen)
+    weight = 1 + 0.3 * torch.randn(width, generator=gen)
+    return [t.to(DEVICE, dtype) for t in (x, y, gate, shift, scale)] + [weight.to(DEVICE)]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_norm_modulate_matches_float64_forward_and_backward(residual):
+    # 3 images x 10 tokens in row tiles of 4: tiles that straddle two images and a partial last tile
+    x, y, gate, shift, scale, weight = norm_modulate_case()
+    inputs = [t.detach().requires_grad_() for t in (x, y, gate, weight, shift, scale)]
+    reference_inputs = [t.detach().double().requires_grad_() for t in (x, y, gate, weight, shift, scale)]
+    if residual:
+        fused = residual_norm_modulate(*inputs, 1e-6)
+        x_ref, y_ref, gate_ref, *rest = reference_inputs
+        reference = stock_norm_modulate(x_ref, *rest, y=y_ref, gate=gate_ref)
+    else:
+        inputs[1] = inputs[2] = reference_inputs[1] = reference_inputs[2] = None
+        fused = (norm_modulate(inputs[0], *inputs[3:], 1e-6),)
+        reference = stock_norm_modulate(reference_inputs[0], *reference_inputs[3:])[1:]
+    for got, want in zip(fused, reference):
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    gen = torch.Generator().manual_seed(6)
+    grads = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in reference]
+    torch.autograd.backward(fused, grads)
+    torch.autograd.backward(reference, [g.double() for g in grads])
+    for got, want in zip(inputs, reference_inputs):
+        if want is not None:
+            torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_modulate_in_bf16_rounds_like_the_stock_modules():
+    x, y, gate, shift, scale, weight = norm_modulate_case(dtype=torch.bfloat16)
+    stream, h = residual_norm_modulate(x, y, gate, weight, shift, scale, 1e-6)
+    want_stream, want_h = stock_norm_modulate(x, weight, shift, scale, y=y, gate=gate)
+    for got, want in ((stream, want_stream), (h, want_h), (norm_modulate(x, weight, shift, scale, 1e-6),
+                                                          stock_norm_modulate(x, weight, shift, scale)[1])):
+        assert got.dtype == torch.bfloat16
+        # h sums a rounded O(1) product and shift: an ulp of each
+        torch.testing.assert_close(got.float(), want.float(), **BF16_TOLERANCE)
+    # an fp32 stream (the default residual) under bf16 conditioning comes out fp32, like the eager promotion
+    h32 = norm_modulate(x.float(), weight, shift, scale, 1e-6)
+    assert h32.dtype == torch.float32
+
+
+def test_norm_modulate_ops_pass_opcheck():
+    x, y, gate, shift, scale, weight = (t.requires_grad_() for t in norm_modulate_case(batch=2, tokens=4, width=8))
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(norm_modulate, (x, weight, shift, scale, 1e-6), test_utils=checks)
+    torch.library.opcheck(residual_norm_modulate, (x, y, gate, weight, shift, scale, 1e-6), test_utils=checks)
+
+
+def test_norm_modulate_rejects_mismatched_conditioning():
+    x, y, gate, shift, scale, weight = norm_modulate_case()
+    with pytest.raises(ValueError, match="shift, scale"):
+        norm_modulate(x, weight, shift[:1], scale[:1], 1e-6)
+
+
 def autograd_node_names(tensor: torch.Tensor) -> set[str]:
     """Names of every node in the autograd graph that produced ``tensor``."""
     visited, names, stack = set(), set(), [tensor.grad_fn]
@@ -113,6 +186,16 @@ def autograd_node_names(tensor: torch.Tensor) -> set[str]:
             names.add(node.name())
             stack.extend(next_node for next_node, _ in node.next_functions)
     return names
+
+
+def test_fused_kernels_can_be_chosen_by_name():
+    model = build_model("LightningDiT-tiny/1", input_size=4, fused_kernels=["swiglu"])
+    block = model.blocks[0]
+    assert (block.fused, block.attn.fused, block.mlp.fused, model.final_layer.fused) == (False, False, True, False)
+    assert build_model("LightningDiT-tiny/1", input_size=4, fused_kernels=True).fused_kernels == {
+        "norm_modulate", "qkv_norm_rope", "swiglu"}
+    with pytest.raises(ValueError, match="unknown fused kernels"):
+        build_model("LightningDiT-tiny/1", input_size=4, fused_kernels=["flash"])
 
 
 def test_fused_tiny_model_matches_the_stock_model_and_loads_its_weights():
@@ -136,7 +219,7 @@ def test_fused_tiny_model_matches_the_stock_model_and_loads_its_weights():
         outs[-1] += ({n: p.grad for n, p in model.named_parameters() if p.grad is not None},)
     (v0, p0, nodes0, g0), (v1, p1, nodes1, g1) = outs
     # the fused model really took the kernels (equal outputs alone would also hold for a silent fallback)
-    for op in ("sfd_qkv_norm_rope", "sfd_swiglu"):
+    for op in ("sfd_qkv_norm_rope", "sfd_swiglu", "sfd_norm_modulate", "sfd_residual_norm_modulate"):
         assert any(op in name for name in nodes1) and not any(op in name for name in nodes0), op
     torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(p1, p0, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,212 @@
+"""``sfd::norm_modulate`` and ``sfd::residual_norm_modulate``: the adaLN input of a LightningDiT sublayer.
+
+Forward, per token row of [B, N, C]: optionally the gated residual update of the previous sublayer first,
+``x = x + gate[b] * y`` (written out: it is the residual stream), then ``h = RMSNorm(x) * (1 + scale[b]) +
+shift[b]`` with the modules' roundings (RMSNorm in fp32, rounded to the stream dtype, scaled by the fp32 weight,
+rounded; ``1 + scale``, the product and the sum each rounded to their eager dtypes).
+
+Backward: the row kernel recomputes the norm from the saved stream and writes the stream gradient
+(``dx = r (dn - n mean(dn n))`` plus the gradient arriving along the residual), with the residual also
+``dy = dx * gate``, and 1 / rms per row; the sums over tokens (shift, scale and gate gradients per image, the norm
+weight gradient) are tensor code in the autograd formula, which the compiled backward turns into fused column
+reductions.
+
+Inductor lowers the same work to a handful of elementwise kernels and token-axis reductions that re-read the
+[B, N, C] activations several times (about 33 ms of the 226 ms XL/1 step at batch 128 on an H200).
+"""
+from __future__ import annotations
+
+import torch
+
+from sfd_core.kernels import TRITON_AVAILABLE
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _norm_modulate_fwd_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, h_ptr, w_ptr, shift_ptr, scale_ptr, rows, eps,
+                                  TOKENS: tl.constexpr, C: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        stream_dtype = out_ptr.dtype.element_ty   # without the residual out_ptr is x_ptr (never written)
+        cond_dtype = scale_ptr.dtype.element_ty
+        h_dtype = h_ptr.dtype.element_ty
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        mask = (r < rows)[:, None] & (c < C)[None, :]
+        offs = r[:, None] * C + c[None, :]
+        cond = (r // TOKENS)[:, None] * C + c[None, :]   # this row's image in the [B, C] conditioning
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + cond, mask=mask, other=0.0).to(tl.float32)
+            update = (gate * y).to(gate_ptr.dtype.element_ty).to(tl.float32)
+            x = (x + update).to(stream_dtype).to(tl.float32)
+            tl.store(out_ptr + offs, x.to(stream_dtype), mask=mask)
+        w = tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        normed = (x * tl.rsqrt(tl.sum(x * x, axis=1) / C + eps)[:, None]).to(stream_dtype).to(tl.float32)
+        weighted = (normed * w[None, :]).to(stream_dtype).to(tl.float32)
+        one_plus_scale = (1.0 + tl.load(scale_ptr + cond, mask=mask, other=0.0).to(tl.float32)).to(cond_dtype)
+        shift = tl.load(shift_ptr + cond, mask=mask, other=0.0).to(tl.float32)
+        h = (weighted * one_plus_scale.to(tl.float32)).to(h_dtype).to(tl.float32) + shift
+        tl.store(h_ptr + offs, h.to(h_dtype), mask=mask)
+
+    @triton.jit
+    def _norm_modulate_bwd_kernel(dh_ptr, dout_ptr, out_ptr, gate_ptr, dx_ptr, dy_ptr, rstd_ptr, w_ptr,
+                                  scale_ptr, rows, eps, TOKENS: tl.constexpr, C: tl.constexpr,
+                                  HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        mask = (r < rows)[:, None] & (c < C)[None, :]
+        offs = r[:, None] * C + c[None, :]
+        cond = (r // TOKENS)[:, None] * C + c[None, :]
+        x = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / C + eps)
+        x_hat = x * rstd[:, None]
+        one_plus_scale = (1.0 + tl.load(scale_ptr + cond, mask=mask, other=0.0).to(tl.float32))
+        one_plus_scale = one_plus_scale.to(scale_ptr.dtype.element_ty).to(tl.float32)
+        dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        dn = (dh * one_plus_scale).to(dh_ptr.dtype.element_ty).to(tl.float32) * w[None, :]
+        dx = rstd[:, None] * (dn - x_hat * (tl.sum(dn * x_hat, axis=1) / C)[:, None])
+        if HAS_RESIDUAL:
+            dx += tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + cond, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dy_ptr + offs, (dx * gate).to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + r, rstd, mask=r < rows)
+
+# (rows per program, warps) of each pass, measured on an H200 at XL/1 shapes with benchmarks/kernels.py
+FORWARD_CONFIG = (4, 8)
+BACKWARD_CONFIG = (4, 4)
+
+
+def _check(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int]:
+    if x.dim() != 3 or shift.shape != scale.shape or shift.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"expected x [B, N, C] with shift, scale [B, C]; got {tuple(x.shape)}, "
+                         f"{tuple(shift.shape)}, {tuple(scale.shape)}")
+    if shift.dtype != scale.dtype:
+        raise ValueError(f"shift and scale differ in dtype ({shift.dtype}, {scale.dtype})")
+    return x.shape
+
+
+def _update_dtype(y: torch.Tensor, gate: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(gate.dtype, y.dtype)
+
+
+def _forward(x, y, gate, weight, shift, scale, eps):
+    batch, tokens, width = _check(x, shift, scale)
+    x = x.contiguous()
+    if y is None:
+        out, stream_dtype = x, x.dtype
+    else:
+        gate = gate.to(_update_dtype(y, gate)).contiguous()   # gate * y is rounded to this dtype
+        stream_dtype = torch.promote_types(x.dtype, gate.dtype)
+        out = torch.empty(x.shape, device=x.device, dtype=stream_dtype)
+    h = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(stream_dtype, scale.dtype))
+    rows = batch * tokens
+    block_rows, warps = FORWARD_CONFIG
+    _norm_modulate_fwd_kernel[(triton.cdiv(rows, block_rows),)](
+        x, x if y is None else y.contiguous(), x if gate is None else gate, out, h, weight.contiguous(),
+        shift.contiguous(), scale.contiguous(), rows, eps, TOKENS=tokens, C=width,
+        HAS_RESIDUAL=y is not None, BLOCK_R=block_rows, BLOCK_C=triton.next_power_of_2(width), num_warps=warps)
+    return out, h
+
+
+@torch.library.custom_op("sfd::norm_modulate", mutates_args=())
+def norm_modulate(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """``modulate(RMSNorm(x), shift, scale)`` for x [B, N, C], shift and scale [B, C]."""
+    return _forward(x, None, None, weight, shift, scale, eps)[1]
+
+
+@norm_modulate.register_fake
+def _(x, weight, shift, scale, eps):
+    return torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, scale.dtype))
+
+
+@torch.library.custom_op("sfd::residual_norm_modulate", mutates_args=())
+def residual_norm_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
+                           shift: torch.Tensor, scale: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x + gate * y`` (the updated stream) and ``modulate(RMSNorm(x + gate * y), shift, scale)``; gate [B, C]."""
+    return _forward(x, y, gate, weight, shift, scale, eps)
+
+
+@residual_norm_modulate.register_fake
+def _(x, y, gate, weight, shift, scale, eps):
+    stream_dtype = torch.promote_types(x.dtype, _update_dtype(y, gate))
+    return (torch.empty(x.shape, device=x.device, dtype=stream_dtype),
+            torch.empty(x.shape, device=x.device, dtype=torch.promote_types(stream_dtype, scale.dtype)))
+
+
+@torch.library.custom_op("sfd::norm_modulate_backward", mutates_args=())
+def norm_modulate_backward(dh: torch.Tensor, dout: torch.Tensor | None, out: torch.Tensor, y: torch.Tensor | None,
+                           gate: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor, x_dtype: torch.dtype,
+                           eps: float) -> list[torch.Tensor]:
+    """The row-wise part of both ops' backward, from the saved stream ``out`` (x itself without the residual):
+    [d x, 1 / rms per row] and, with the residual (y given: d y has its dtype), [d y] after them. The token-axis
+    sums are in ``_token_sums``."""
+    batch, tokens, width = _check(out, scale, scale)
+    residual = y is not None
+    dx = torch.empty(out.shape, device=out.device, dtype=x_dtype)
+    dy = torch.empty_like(y) if residual else dx
+    rstd = torch.empty(batch, tokens, device=out.device, dtype=torch.float32)
+    rows = batch * tokens
+    block_rows, warps = BACKWARD_CONFIG
+    _norm_modulate_bwd_kernel[(triton.cdiv(rows, block_rows),)](
+        dh.contiguous(), dout.contiguous() if residual else dh, out.contiguous(), gate.to(_update_dtype(y, gate)).contiguous() if residual else scale, dx, dy, rstd, weight.contiguous(),
+        scale.contiguous(), rows, eps, TOKENS=tokens, C=width, HAS_RESIDUAL=residual, BLOCK_R=block_rows,
+        BLOCK_C=triton.next_power_of_2(width), num_warps=warps)
+    return [dx, rstd, dy] if residual else [dx, rstd]
+
+
+@norm_modulate_backward.register_fake
+def _(dh, dout, out, y, gate, weight, scale, x_dtype, eps):
+    grads = [torch.empty(out.shape, device=out.device, dtype=x_dtype),
+             out.new_empty(out.shape[:2], dtype=torch.float32)]
+    return grads + [torch.empty_like(y)] if y is not None else grads
+
+
+def _token_sums(dh, out, rstd, weight, scale):
+    """Gradients of the norm weight, shift and scale: sums over tokens (and images, for the weight) that are
+    plain tensor code, so the compiled backward fuses them into its column reductions, which run at full memory
+    bandwidth (a Triton kernel accumulating them per program measured 2-3x slower)."""
+    normed = (out.float() * rstd.unsqueeze(-1)).to(out.dtype)
+    weighted = (normed.float() * weight).to(out.dtype)
+    d_weighted = (dh * (1 + scale.unsqueeze(1))).float()
+    dh = dh.float()
+    d_weight = (d_weighted * normed.float()).sum((0, 1)).to(weight.dtype)
+    return d_weight, dh.sum(1).to(scale.dtype), (dh * weighted.float()).sum(1).to(scale.dtype)
+
+
+def _setup_plain(ctx, inputs, output):
+    x, weight, shift, scale, eps = inputs
+    ctx.save_for_backward(x, weight, scale)
+    ctx.eps = eps
+
+
+def _backward_plain(ctx, dh):
+    x, weight, scale = ctx.saved_tensors
+    dx, rstd = norm_modulate_backward(dh, None, x, None, None, weight, scale, x.dtype, ctx.eps)
+    return dx, *_token_sums(dh, x, rstd, weight, scale), None
+
+
+def _setup_residual(ctx, inputs, output):
+    x, y, gate, weight, shift, scale, eps = inputs
+    ctx.save_for_backward(output[0], y, gate, weight, scale)
+    ctx.eps, ctx.x_dtype = eps, x.dtype
+
+
+def _backward_residual(ctx, dout, dh):
+    out, y, gate, weight, scale = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
+    dh = torch.zeros(out.shape, device=out.device, dtype=torch.promote_types(out.dtype, scale.dtype)) \
+        if dh is None else dh
+    dx, rstd, dy = norm_modulate_backward(dh, dout, out, y, gate, weight, scale, ctx.x_dtype, ctx.eps)
+    d_gate = (dx.float() * y.float()).sum(1).to(gate.dtype)
+    return dx, dy, d_gate, *_token_sums(dh, out, rstd, weight, scale), None
+
+
+norm_modulate.register_autograd(_backward_plain, setup_context=_setup_plain)
+residual_norm_modulate.register_autograd(_backward_residual, setup_context=_setup_residual)
