@@ -337,7 +337,8 @@ def parse_args(argv=None):
 
 
 def set_kernel_launch_configs(args) -> None:
-    """``--qkv-config`` / ``--swiglu-config`` / ``--norm-config``: override the fused kernels' launch configurations for this run."""
+    """``--qkv-config`` / ``--swiglu-config`` / ``--norm-config``: this run's launch configurations of the fused
+    kernels."""
     if args.qkv_config:
         from sfd_core.kernels import qkv_norm_rope as qkv_module
         values = tuple(int(v) for v in args.qkv_config.split(","))

@@ -155,7 +155,8 @@ def norm_modulate_backward(dh: torch.Tensor, dout: torch.Tensor | None, out: tor
     rows = batch * tokens
     block_rows, warps = BACKWARD_CONFIG
     _norm_modulate_bwd_kernel[(triton.cdiv(rows, block_rows),)](
-        dh.contiguous(), dout.contiguous() if residual else dh, out.contiguous(), gate.to(_update_dtype(y, gate)).contiguous() if residual else scale, dx, dy, rstd, weight.contiguous(),
+        dh.contiguous(), dout.contiguous() if residual else dh, out.contiguous(),
+        gate.to(_update_dtype(y, gate)).contiguous() if residual else scale, dx, dy, rstd, weight.contiguous(),
         scale.contiguous(), rows, eps, TOKENS=tokens, C=width, HAS_RESIDUAL=residual, BLOCK_R=block_rows,
         BLOCK_C=triton.next_power_of_2(width), num_warps=warps)
     return [dx, rstd, dy] if residual else [dx, rstd]
@@ -165,13 +166,14 @@ def norm_modulate_backward(dh: torch.Tensor, dout: torch.Tensor | None, out: tor
 def _(dh, dout, out, y, gate, weight, scale, x_dtype, eps):
     grads = [torch.empty(out.shape, device=out.device, dtype=x_dtype),
              out.new_empty(out.shape[:2], dtype=torch.float32)]
-    return grads + [torch.empty_like(y)] if y is not None else grads
+    return (grads + [torch.empty_like(y)]) if y is not None else grads
 
 
 def _token_sums(dh, out, rstd, weight, scale):
     """Gradients of the norm weight, shift and scale: sums over tokens (and images, for the weight) that are
     plain tensor code, so the compiled backward fuses them into its column reductions, which run at full memory
-    bandwidth (a Triton kernel accumulating them per program measured 2-3x slower)."""
+    bandwidth (accumulating them per program in the row kernel measured slower in the XL/1 step: 13.6 against
+    12.3 ms, benchmarks/RESULTS.md)."""
     normed = (out.float() * rstd.unsqueeze(-1)).to(out.dtype)
     weighted = (normed.float() * weight).to(out.dtype)
     d_weighted = (dh * (1 + scale.unsqueeze(1))).float()
