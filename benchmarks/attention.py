@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.kernels import median_ms  # noqa: E402
+from benchmarks.kernels import fwd_and_fwd_bwd_ms  # noqa: E402
 from benchmarks.report import write_json_report  # noqa: E402
 from sfd_core.reporting import log  # noqa: E402
 
@@ -33,18 +33,6 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 def attention_flops(batch: int, heads: int, tokens: int, head_dim: int) -> float:
     """Forward matmul FLOPs (QK^T and PV); the backward is 2.5x that with recomputation of P."""
     return 4.0 * batch * heads * tokens * tokens * head_dim
-
-
-def time_backend(fn, q, k, v, device, reps) -> tuple[float, float]:
-    grad = torch.ones_like(q)
-
-    def forward_backward():
-        for t in (q, k, v):
-            t.grad = None
-        fn(q, k, v).backward(grad)
-    with torch.no_grad():
-        fwd = median_ms(lambda: fn(q, k, v), device, reps)
-    return fwd, median_ms(forward_backward, device, reps)
 
 
 def main(argv=None) -> dict:
@@ -74,7 +62,8 @@ def main(argv=None) -> dict:
             candidates["flex"] = lambda q, k, v: flex(q, k, v, scale=scale)
         for name, fn in candidates.items():
             try:
-                fwd, fwd_bwd = time_backend(fn, q, k, v, device, args.reps)
+                fwd, fwd_bwd = fwd_and_fwd_bwd_ms(lambda: fn(q, k, v), (q, k, v), lambda out: torch.ones_like(out),
+                                                  device, args.reps)
             except (RuntimeError, torch._dynamo.exc.BackendCompilerFailed) as exc:   # backend refuses the shape
                 log(f"head dim {head_dim}, {name}: unavailable ({str(exc).splitlines()[0][:120]})")
                 continue

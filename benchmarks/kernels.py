@@ -81,21 +81,24 @@ def fused_adaln_inputs(x, attn_out, gate, norm1, norm2, shift1, scale1, shift2, 
     return (h1, *residual_norm_modulate(x, attn_out, gate, norm2.weight, shift2, scale2, norm2.eps))
 
 
+def fwd_and_fwd_bwd_ms(fn, inputs, grads_like, device, reps) -> tuple[float, float]:
+    """Median forward time (no grad) and forward+backward time of ``fn``; ``grads_like`` maps its outputs to their
+    upstream gradients, ``inputs`` are the leaves whose grads are cleared between repetitions."""
+    def forward_backward():
+        for t in inputs:
+            t.grad = None
+        outs = fn()
+        torch.autograd.backward(outs, grads_like(outs))
+    with torch.no_grad():
+        fwd = median_ms(fn, device, reps)
+    return fwd, median_ms(forward_backward, device, reps)
+
+
 def timed_pair(name, stock_fn, fused_fn, inputs, grads_like, device, reps, fused_bytes) -> dict:
     """Forward and forward+backward times of both paths; ``grads_like`` maps outputs to their upstream grads."""
-    def forward_backward(fn):
-        def run():
-            for t in inputs:
-                t.grad = None
-            outs = fn()
-            torch.autograd.backward(outs, grads_like(outs))
-        return run
-
     row = {"op": name}
     for label, fn in (("stock", stock_fn), ("fused", fused_fn)):
-        with torch.no_grad():
-            row[f"{label}_fwd_ms"] = median_ms(fn, device, reps)
-        row[f"{label}_fwd_bwd_ms"] = median_ms(forward_backward(fn), device, reps)
+        row[f"{label}_fwd_ms"], row[f"{label}_fwd_bwd_ms"] = fwd_and_fwd_bwd_ms(fn, inputs, grads_like, device, reps)
     row["speedup_fwd"] = row["stock_fwd_ms"] / row["fused_fwd_ms"]
     row["speedup_fwd_bwd"] = row["stock_fwd_bwd_ms"] / row["fused_fwd_bwd_ms"]
     row["fused_fwd_bwd_gb_per_s"] = fused_bytes / (row["fused_fwd_bwd_ms"] * 1e-3) / 1e9

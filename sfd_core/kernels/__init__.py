@@ -6,11 +6,11 @@ lowers to several slow kernels (profiled in benchmarks/RESULTS.md):
 - ``qkv_norm_rope``: split the fused qkv projection, QK RMSNorm + 2-D RoPE on q and k, v copied, all in the
   [B, N, H, D] layout SDPA reads; its backward writes the whole qkv gradient in one pass.
 - ``norm_modulate`` / ``residual_norm_modulate``: the adaLN sublayer input ``RMSNorm(x) (1 + scale) + shift``,
-  optionally after the previous sublayer's gated residual; the backward does the token-axis sums of the
-  shift / scale / gate gradients in the same pass.
+  optionally after the previous sublayer's gated residual; the backward's row kernel writes the stream
+  gradients and leaves the token-axis sums (shift / scale / gate / norm weight) to Inductor's column reductions.
 - ``swiglu``: ``silu(gate) * value`` from the [gate | value] projection, with a one-pass backward.
 
-The ops are opaque to Inductor (one launch each, CUDA-graph safe). Their numerics follow the unfused modules,
+The ops are opaque to Inductor (one launch each way, CUDA-graph safe; only norm_modulate's token sums are traced). Their numerics follow the unfused modules,
 including the bf16 roundings between steps, so a fused model matches the stock one to bf16 precision.
 ``LightningDiT(fused_kernels=True)`` uses them on CUDA tensors (or a subset: ``fused_kernels=["swiglu"]``, names
 in ``FUSED_OPS``); elsewhere it runs the stock modules. With

@@ -27,6 +27,18 @@ pytestmark = pytest.mark.skipif(not kernels_run_on(torch.empty(0, device=DEVICE)
                                 reason="Triton is not installed")
 
 
+def assert_backward_matches(fused, reference, inputs, reference_inputs, seed, tol):
+    """Backpropagate the same random upstream gradients through the fused outputs and their float64 reference
+    and compare the gradients of every input that has a reference (None entries are skipped)."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in reference]
+    torch.autograd.backward(fused, grads)
+    torch.autograd.backward(reference, [g.double() for g in grads])
+    for got, want in zip(inputs, reference_inputs):
+        if want is not None:
+            torch.testing.assert_close(got.grad.double(), want.grad, rtol=tol, atol=tol)
+
+
 def stock_qkv_norm_rope(qkv, q_weight, k_weight, rope, num_heads, eps=1e-6):
     """The unfused path of Attention.forward, returning [B, N, H, D] like the kernel."""
     batch, tokens, width = qkv.shape
@@ -56,12 +68,7 @@ def test_qkv_norm_rope_matches_float64_forward_and_backward(head_dim):
     for got, want in zip(fused, reference):
         assert got.shape == want.shape and got.is_contiguous()
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
-    gen = torch.Generator().manual_seed(1)
-    grads = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in reference]
-    torch.autograd.backward(fused, grads)
-    torch.autograd.backward(reference, [g.double() for g in grads])
-    for got, want in zip(inputs, reference_inputs):
-        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+    assert_backward_matches(fused, reference, inputs, reference_inputs, seed=1, tol=1e-4)
 
 
 def test_qkv_norm_rope_in_bf16_rounds_like_the_stock_modules():
@@ -140,13 +147,7 @@ def test_norm_modulate_matches_float64_forward_and_backward(residual):
     for got, want in zip(fused, reference):
         assert got.shape == want.shape and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
-    gen = torch.Generator().manual_seed(6)
-    grads = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in reference]
-    torch.autograd.backward(fused, grads)
-    torch.autograd.backward(reference, [g.double() for g in grads])
-    for got, want in zip(inputs, reference_inputs):
-        if want is not None:
-            torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5)
+    assert_backward_matches(fused, reference, inputs, reference_inputs, seed=6, tol=1e-5)
 
 
 def test_norm_modulate_in_bf16_rounds_like_the_stock_modules():
