@@ -1,12 +1,13 @@
 """SFD training-step and sampler-forward throughput on one device, with MFU against a measured matmul ceiling.
 
-Training step = SFD loss forward (model in bf16 autocast with fp32 master weights, REPA on) + backward + fused
-AdamW + EMA update, on synthetic on-device batches (no data loading). Variants: eager, ``torch.compile`` default,
-``mode="max-autotune-no-cudagraphs"`` and ``mode="reduce-overhead"`` (CUDA graphs: no launch gaps, which matter
-at batch 32); the forward+loss function is compiled (the backward follows through AOTAutograd), the optimizer is
-fused AdamW and the EMA one multi-tensor lerp. ``regional`` compiles one block and reuses it for all (seconds
-instead of minutes of compile). Each runs with the residual stream in fp32 (official) and in bf16
-(``low_precision_residual``), and with the stock modules or the Triton kernels (``--kernels fused``).
+Training step = SFD loss forward (model in bf16 autocast with fp32 master weights, REPA on) + backward + AdamW +
+EMA update (``sfd_core.optim.AdamWWithEMA``; ``--update eager``: torch's fused AdamW, then a multi-tensor EMA;
+``fused``: both in one Triton kernel, sfd_core.kernels.adamw_ema), on synthetic on-device batches (no data loading). Variants:
+eager, ``torch.compile`` default, ``mode="max-autotune-no-cudagraphs"`` and ``mode="reduce-overhead"`` (CUDA
+graphs: no launch gaps, which matter at batch 32); the forward+loss function is compiled (the backward follows
+through AOTAutograd). ``regional`` compiles one block and reuses it for all (seconds instead of minutes of
+compile). Each runs with the residual stream in fp32 (official) and in bf16 (``low_precision_residual``), and
+with the stock modules or the Triton kernels (``--kernels fused``).
 
 FLOPs per image, forward, matmuls only (a multiply-add = 2 FLOPs), N tokens, H hidden, F SwiGLU hidden,
 L blocks, C input channels, p patch, R / D REPA projector hidden / output widths:
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -48,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import print_kernel_profile, write_json_report  # noqa: E402
 from sfd_core.models import build_model, model_config  # noqa: E402
+from sfd_core.optim import AdamWWithEMA  # noqa: E402
 from sfd_core.reporting import log  # noqa: E402
 
 try:  # the project's SFD objective; a faithful local copy keeps the benchmark usable without it
@@ -65,6 +68,7 @@ RESIDUAL_STREAMS = {"fp32": False, "bf16": True}
 # "stock" modules, or "fused": LightningDiT(fused_kernels=True), the Triton kernels of sfd_core.kernels;
 # "fused-no-norm-modulate" leaves the adaLN norm + modulation to Inductor (to attribute that kernel's share).
 KERNELS = {"stock": False, "fused": True, "fused-no-norm-modulate": ("qkv_norm_rope", "swiglu")}
+UPDATES = ("eager", "fused")   # AdamWWithEMA(fused=...)
 EMA_DECAY = 0.9999
 
 
@@ -180,8 +184,8 @@ def make_loss_fn(model, semantic_channels: int):
     return lambda x1, y, dino: local_sfd_loss(model, x1, y, dino, semantic_channels=semantic_channels)["loss"]
 
 
-def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: str, kernels: str, batch: int,
-                flops_per_image: float, ceiling: float) -> dict:
+def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: str, kernels: str, update_mode: str,
+                batch: int, flops_per_image: float, ceiling: float) -> dict:
     reset_memory(device)
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -191,8 +195,8 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: s
     ema = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     ema_params = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
-                                  fused=device.type == "cuda")
+    update = AdamWWithEMA(params, ema_params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=EMA_DECAY,
+                          fused=update_mode == "fused")
     loss_fn = make_loss_fn(model, cfg["semantic_channels"])
     if variant.startswith("regional"):   # one compile of a block, reused by all of them
         for block in model.blocks:
@@ -211,9 +215,8 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: s
         with autocast:
             loss = loss_fn(x1, y, dino)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(ema_params, params, 1.0 - EMA_DECAY)   # ema += (1 - decay) * (param - ema)
+        update.step()
+        update.zero_grad()
         return loss
 
     t0 = time.perf_counter()
@@ -227,14 +230,14 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: s
             loss = step()
     step_s = timer.seconds / args.steps
     if args.profile:
-        print_kernel_profile(step, device, f"train {variant}, {residual} residual, {kernels} kernels, batch {batch}",
-                             top=45)
+        print_kernel_profile(step, device, f"train {variant}, {residual} residual, {kernels} kernels, "
+                             f"{update_mode} update, batch {batch}", top=45)
     img_per_s = batch / step_s
-    result = {"kind": "train", "variant": variant, "residual": residual, "kernels": kernels, "batch": batch,
-              "step_ms": 1e3 * step_s, "img_per_s": img_per_s,
+    result = {"kind": "train", "variant": variant, "residual": residual, "kernels": kernels, "update": update_mode,
+              "batch": batch, "step_ms": 1e3 * step_s, "img_per_s": img_per_s,
               "tflops": 3 * flops_per_image * img_per_s / 1e12, "mfu": 3 * flops_per_image * img_per_s / ceiling,
               "peak_mem_gib": peak_memory_gib(device), "warmup_s": warmup_s, "loss": float(loss.detach())}
-    del model, ema, optimizer, params, ema_params, loss_fn
+    del model, ema, update, params, ema_params, loss_fn
     return result
 
 
@@ -274,11 +277,11 @@ def bench_sampler(args, cfg: dict, device: torch.device, variant: str, precision
 
 # ------------------------------------------------------------------------------------------------- driver
 def markdown(results: list[dict]) -> str:
-    lines = ["| run | variant | precision | residual | kernels | batch | ms/step | img/s | TFLOP/s | MFU | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | variant | precision | residual | kernels | update | batch | ms/step | img/s | TFLOP/s | MFU "
+             "| peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         head = (f"| {r['kind']} | {r['variant']} | {r.get('precision', 'bf16 autocast')} | {r.get('residual', '-')} "
-                f"| {r.get('kernels', '-')} |")
+                f"| {r.get('kernels', '-')} | {r.get('update', '-')} |")
         if "error" in r:
             lines.append(f"{head} {r['batch']} | error: {r['error'][:60]} | | | | |")
             continue
@@ -301,6 +304,7 @@ def parse_args(argv=None):
     parser.add_argument("--residual", default="fp32,bf16",
                         help=f"training residual streams, comma list of {sorted(RESIDUAL_STREAMS)}")
     parser.add_argument("--kernels", default="stock", help=f"training kernels, comma list of {sorted(KERNELS)}")
+    parser.add_argument("--update", default="fused", help=f"AdamW + EMA update, comma list of {list(UPDATES)}")
     parser.add_argument("--qkv-config", default=None, metavar="FWD_ROWS,FWD_WARPS,BWD_ROWS,BWD_WARPS",
                         help="launch configuration of the fused qkv_norm_rope kernels (see benchmarks/kernels.py)")
     parser.add_argument("--swiglu-config", default=None, metavar="ROWS,COLS,WARPS",
@@ -331,6 +335,7 @@ def parse_args(argv=None):
     args.sampler_variants = choices(args.sampler_variants or default_sampler, COMPILE_MODES, "variant")
     args.residual = choices(args.residual, RESIDUAL_STREAMS, "residual stream")
     args.kernels = choices(args.kernels, KERNELS, "kernels")
+    args.update = choices(args.update, dict.fromkeys(UPDATES), "update")
     args.ceiling_size = args.ceiling_size or (8192 if cuda else 1024)
     args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     return args
@@ -384,18 +389,17 @@ def main(argv=None) -> dict:
     log(f"bf16 matmul ceiling ({args.ceiling_size}^3, median of {args.ceiling_reps}): {ceiling / 1e12:.1f} TFLOP/s")
 
     results = []
-    for variant in args.variants:
-        for residual in args.residual:
-            for kernels in args.kernels:
-                for batch in (int(b) for b in args.batch_sizes.split(",")):
-                    log(f"train step: {variant}, {residual} residual, {kernels} kernels, batch {batch}")
-                    try:
-                        results.append(bench_train(args, cfg, device, variant, residual, kernels, batch, train_fwd,
-                                                   ceiling))
-                    except torch.OutOfMemoryError as exc:   # report and continue with the other configurations
-                        results.append({"kind": "train", "variant": variant, "residual": residual,
-                                        "kernels": kernels, "batch": batch, "error": f"OOM: {exc}"[:300]})
-                    log(json.dumps(results[-1]))
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    for variant, residual, kernels, update_mode, batch in itertools.product(
+            args.variants, args.residual, args.kernels, args.update, batches):
+        log(f"train step: {variant}, {residual} residual, {kernels} kernels, {update_mode} update, batch {batch}")
+        try:
+            results.append(bench_train(args, cfg, device, variant, residual, kernels, update_mode, batch, train_fwd,
+                                       ceiling))
+        except torch.OutOfMemoryError as exc:   # report and continue with the other configurations
+            results.append({"kind": "train", "variant": variant, "residual": residual, "kernels": kernels,
+                            "update": update_mode, "batch": batch, "error": f"OOM: {exc}"[:300]})
+        log(json.dumps(results[-1]))
     for variant in args.sampler_variants:
         for precision in ("bf16", "fp32"):
             log(f"sampler forward: {variant}, {precision}, batch {args.sampler_batch}")

@@ -32,7 +32,8 @@ def test_train_step_measures_residual_streams_and_kernels(tmp_path):
     assert all(r["img_per_s"] > 0 and math.isfinite(r["loss"]) for r in rows)
     # The analytic FLOP count is the one the counter measures (XL/1: within 1e-4; this tiny model, 0.4%).
     assert abs(report["flops"]["train_ratio_counted_over_analytic"] - 1.0) < 1e-2
-    assert "kernel profile: train eager, bf16 residual, fused kernels, batch 2" in stdout
+    assert all(r["update"] == "fused" for r in rows)   # the default: AdamWWithEMA(fused=True)
+    assert "kernel profile: train eager, bf16 residual, fused kernels, fused update, batch 2" in stdout
 
 
 def test_kernels_benchmark_times_both_paths_and_the_sweep(tmp_path):
