@@ -81,8 +81,9 @@ def main(argv=None) -> dict:
         ms = median_ms(update.step, device, args.reps)
         achieved = BYTES_PER_WEIGHT[mode] * numel / (ms / 1e3)
         name = mode if config in (None, default_config) else "fused " + ":".join(map(str, config))
-        results[name] = {"ms": ms, "launch_config": config, "first_call_s": first_s, "min_bytes_per_weight": BYTES_PER_WEIGHT[mode],
-                         "gb_per_s": achieved / 1e9, "of_copy_bandwidth": achieved / bandwidth}
+        results[name] = {"ms": ms, "launch_config": config, "first_call_s": first_s,
+                         "min_bytes_per_weight": BYTES_PER_WEIGHT[mode], "gb_per_s": achieved / 1e9,
+                         "of_copy_bandwidth": achieved / bandwidth}
         finals[name] = [t.detach().clone() for t in params + list(ema.parameters())]
         log(f"{name}: {ms:.2f} ms per update ({achieved / 1e9:.0f} GB/s, {achieved / bandwidth:.2f} of copy), "
             f"first call {first_s:.1f} s")

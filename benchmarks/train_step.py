@@ -2,10 +2,10 @@
 
 Training step = SFD loss forward (model in bf16 autocast with fp32 master weights, REPA on) + backward + AdamW +
 EMA update (``sfd_core.optim.AdamWWithEMA``; ``--update eager``: torch's fused AdamW, then a multi-tensor EMA;
-``fused``: both in one Triton kernel, sfd_core.kernels.adamw_ema), on synthetic on-device batches (no data loading). Variants:
-eager, ``torch.compile`` default, ``mode="max-autotune-no-cudagraphs"`` and ``mode="reduce-overhead"`` (CUDA
-graphs: no launch gaps, which matter at batch 32); the forward+loss function is compiled (the backward follows
-through AOTAutograd). ``regional`` compiles one block and reuses it for all (seconds instead of minutes of
+``fused``: both in one Triton kernel, sfd_core.kernels.adamw_ema), on synthetic on-device batches (no data
+loading). Variants: eager, ``torch.compile`` default, ``mode="max-autotune-no-cudagraphs"`` and
+``mode="reduce-overhead"`` (CUDA graphs: no launch gaps, which matter at batch 32); the forward+loss function is
+compiled (the backward follows through AOTAutograd). ``regional`` compiles one block and reuses it for all (seconds instead of minutes of
 compile). Each runs with the residual stream in fp32 (official) and in bf16 (``low_precision_residual``), and
 with the stock modules or the Triton kernels (``--kernels fused``).
 

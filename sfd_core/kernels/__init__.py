@@ -10,10 +10,12 @@ lowers to several slow kernels (profiled in benchmarks/RESULTS.md):
   gradients and leaves the token-axis sums (shift / scale / gate / norm weight) to Inductor's column reductions.
 - ``swiglu``: ``silu(gate) * value`` from the [gate | value] projection, with a one-pass backward.
 
-The ops are opaque to Inductor (one launch each way, CUDA-graph safe; only norm_modulate's token sums are traced). Their numerics follow the unfused modules,
-including the bf16 roundings between steps, so a fused model matches the stock one to bf16 precision.
-``LightningDiT(fused_kernels=True)`` uses them on CUDA tensors (or a subset: ``fused_kernels=["swiglu"]``, names
-in ``FUSED_OPS``); elsewhere it runs the stock modules. With
+``adamw_ema`` (not a model op) is the optimizer's AdamW + EMA update in one launch, used by ``sfd_core.optim``.
+
+The ops are opaque to Inductor (one launch each way, CUDA-graph safe; only norm_modulate's token sums are
+traced). Their numerics follow the unfused modules, including the bf16 roundings between steps, so a fused
+model matches the stock one to bf16 precision. ``LightningDiT(fused_kernels=True)`` uses them on CUDA tensors
+(or a subset: ``fused_kernels=["swiglu"]``, names in ``FUSED_OPS``); elsewhere it runs the stock modules. With
 ``TRITON_INTERPRET=1`` set before import, the kernels also run on CPU tensors (how the CPU tests check them).
 """
 from __future__ import annotations
