@@ -19,6 +19,7 @@ from torch import nn
 
 from sfd_core.config import load_config
 from sfd_core.models import build_model
+from sfd_core.optim import AdamWWithEMA
 from sfd_core.reporting import log, metric
 from sfd_core.sampling import sample
 from sfd_core.transport import LossConfig, randn, sfd_training_loss
@@ -86,12 +87,6 @@ def synthetic_latents(cfg: DemoConfig, generator: torch.Generator) -> SyntheticL
     return SyntheticLatents((latents - mean) / std, labels, features)
 
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
-        ema_param.lerp_(param, 1.0 - decay)
-
-
 def train(cfg: DemoConfig, data: SyntheticLatents, generator: torch.Generator) -> tuple[nn.Module, list[dict]]:
     """SFD training on the synthetic set; returns the EMA model and the per-step loss terms."""
     model = build_model("LightningDiT-tiny/1", input_size=cfg.size,
@@ -99,7 +94,9 @@ def train(cfg: DemoConfig, data: SyntheticLatents, generator: torch.Generator) -
                         semantic_channels=cfg.semantic_channels, num_classes=cfg.num_classes,
                         repa_out_dim=cfg.feature_dim).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
+    update = AdamWWithEMA([p for p, _ in trainable], [e for _, e in trainable], lr=cfg.lr, weight_decay=0.0,
+                          ema_decay=cfg.ema_decay, fused=False)
     loss_cfg = LossConfig(delta_t=cfg.delta_t, semantic_channels=cfg.semantic_channels,
                           repa_weight=cfg.repa_weight)
     history = []
@@ -107,10 +104,9 @@ def train(cfg: DemoConfig, data: SyntheticLatents, generator: torch.Generator) -
         batch = torch.randint(len(data.labels), (cfg.batch_size,), generator=generator)
         terms = sfd_training_loss(model, data.latents[batch], data.labels[batch], data.features[batch],
                                   loss_cfg, generator)
-        optimizer.zero_grad(set_to_none=True)
+        update.zero_grad()
         terms["loss"].backward()
-        optimizer.step()
-        update_ema(ema, model, cfg.ema_decay)
+        update.step()
         history.append({k: v.item() for k, v in terms.items()})
         if step % cfg.log_every == 0 or step == cfg.steps:
             recent = history[-cfg.log_every:]

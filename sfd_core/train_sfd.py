@@ -33,6 +33,7 @@ from sfd_core.distributed import TrainingInterrupted
 from sfd_core.latent_data import (FEATURES_STORE, LATENTS_STORE, LatentSources, SFDLatentDataset,
                                   StreamBatches, array_url, channel_stats, sfd_plan, streams_of_rank)
 from sfd_core.models import build_model, model_config
+from sfd_core.optim import AdamWWithEMA
 from sfd_core.reporting import log, metric
 from sfd_core.stage_output import finished_manifest
 from sfd_core.train_state import (EMA_FILE, MODEL_FILE, LossCurve, MetricWindow, RunCheckpoints,
@@ -184,15 +185,17 @@ class SFDTrainer:
         else:
             self.wrapped = self.model
         self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        trainable = [(p, e) for p, e in zip(self.model.parameters(), self.ema.parameters()) if p.requires_grad]
+        self.params = [p for p, _ in trainable]
+        # AdamW then the EMA, one Triton launch on CUDA; ``optimizer`` (torch's AdamW) holds the state
+        self.update = AdamWWithEMA(self.params, [e for _, e in trainable], lr=cfg.lr, betas=tuple(cfg.betas),
+                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay, ema_decay=cfg.ema_decay,
+                                   fused=device.type == "cuda")
+        self.optimizer = self.update.optimizer
         self.loss_cfg = LossConfig(delta_t=cfg.delta_t, semantic_channels=self.model.semantic_channels,
                                    semantic_weight=cfg.semantic_weight, use_cosine_loss=cfg.use_cosine_loss,
                                    repa_weight=cfg.repa_weight, repa_type=cfg.repa_type)
         self.autocast_bf16 = cfg.precision == "bf16" and device.type == "cuda"
-        self._ema_params = list(self.ema.parameters())
-        self._model_params = list(self.model.parameters())
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast_bf16 else nullcontext()
@@ -202,7 +205,7 @@ class SFDTrainer:
         """One optimizer step over ``micro_batches`` [(x, labels, dino or None), ...], micro-batch i drawing
         its label dropout, times and noise from ``generators[i]`` (CPU). Returns [loss, mse, cos, repa,
         grad_norm] on the device (no host sync)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.update.zero_grad()
         count = len(micro_batches)
         terms = torch.zeros(4, device=self.device)
         for i, ((x, labels, dino), generator) in enumerate(zip(micro_batches, generators)):
@@ -227,15 +230,8 @@ class SFDTrainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        self.optimizer.step()
-        self.update_ema()
+        self.update.step()
         return torch.cat([terms / count, grad_norm.detach().float().view(1).to(self.device)])
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        decay = self.cfg.ema_decay
-        torch._foreach_mul_(self._ema_params, decay)
-        torch._foreach_add_(self._ema_params, self._model_params, alpha=1.0 - decay)
 
     def load(self, ckpt_url: str, state: Mapping[str, Any]) -> None:
         load_model_weights(self.model, ckpt_url, MODEL_FILE)

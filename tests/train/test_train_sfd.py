@@ -18,7 +18,7 @@ from sfd_core import reporting
 from sfd_core.config import ConfigError
 from sfd_core.models import build_model, model_config
 from sfd_core.distributed import TrainingInterrupted
-from sfd_core.train_sfd import Config, main, resolve_config, run, train_flops_per_image
+from sfd_core.train_sfd import Config, SFDTrainer, main, resolve_config, run, train_flops_per_image
 from sfd_core.train_state import COMPLETE, EMA_FILE, MODEL_FILE, complete_steps, read_weights
 from storage import fs
 
@@ -65,6 +65,25 @@ def test_flops_formula_matches_flop_counter():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # attention as matmuls
         model(x, t, torch.tensor([1]), drop_labels=torch.tensor([False]))
     assert train_flops_per_image(kwargs) == 3 * counter.get_total_flops()
+
+
+def test_train_step_is_adamw_then_the_ema_of_the_updated_weights():
+    cfg = resolve_config(Config(out_url="o", texture_url="t", semantic_url="s", dino_url="d", ema_decay=0.9,
+                                model="LightningDiT-tiny/1"))
+    kwargs = dict(input_size=8, in_channels=6, semantic_channels=2)
+    trainer = SFDTrainer(cfg, kwargs, torch.device("cpu"), distributed=False)
+    before = [p.detach().clone() for p in trainer.params]
+    grid, dim = 8 // 1, model_config("LightningDiT-tiny/1")["repa_out_dim"]
+    batch = (torch.randn(4, 6, 8, 8), torch.randint(0, 1000, (4,)), torch.randn(4, dim, grid, grid))
+    terms = trainer.train_step([batch], [torch.Generator().manual_seed(0)])
+    assert torch.isfinite(terms).all()
+    trained = {id(p) for p in trainer.params}
+    emas = [e for p, e in zip(trainer.model.parameters(), trainer.ema.parameters()) if id(p) in trained]
+    assert any(not torch.equal(p, b) for p, b in zip(trainer.params, before))
+    for param, ema, start in zip(trainer.params, emas, before):   # the EMA started at the initial weights
+        torch.testing.assert_close(ema, start + 0.1 * (param.detach() - start), rtol=1e-6, atol=1e-7)
+    assert all(float(trainer.optimizer.state[p]["step"]) == 1.0 for p in trainer.params)
+    assert all(p.grad is not None for p in trainer.params)   # kept until the next step (grad norm logging)
 
 
 def test_two_processes_match_one_process(tmp_path, stages, single_thread):
