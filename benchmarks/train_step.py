@@ -1,13 +1,16 @@
 """SFD training-step and sampler-forward throughput on one device, with MFU against a measured matmul ceiling.
 
-Training step = SFD loss forward (model in bf16 autocast with fp32 master weights, REPA on) + backward + AdamW +
-EMA update (``sfd_core.optim.AdamWWithEMA``; ``--update eager``: torch's fused AdamW, then a multi-tensor EMA;
-``fused``: both in one Triton kernel, sfd_core.kernels.adamw_ema), on synthetic on-device batches (no data
-loading). Variants: eager, ``torch.compile`` default, ``mode="max-autotune-no-cudagraphs"`` and
-``mode="reduce-overhead"`` (CUDA graphs: no launch gaps, which matter at batch 32); the forward+loss function is
-compiled (the backward follows through AOTAutograd). ``regional`` compiles one block and reuses it for all (seconds instead of minutes of
-compile). Each runs with the residual stream in fp32 (official) and in bf16 (``low_precision_residual``), and
-with the stock modules or the Triton kernels (``--kernels fused``).
+Training step = SFD loss forward (model in bf16 autocast, REPA on) + backward + AdamW + EMA update
+(``sfd_core.optim.AdamWWithEMA``; ``--update eager``: torch's fused AdamW, then a multi-tensor EMA; ``fused``:
+both in one Triton kernel, sfd_core.kernels.adamw_ema), on synthetic on-device batches (no data loading). Weights
+(``--weights``): fp32 (official), or bf16 copies of the linear/convolution weights with fp32 masters in the
+optimizer (the same forward and gradients as autocast gives fp32 weights, without its casts). Variants: eager,
+``torch.compile`` default, ``mode="max-autotune-no-cudagraphs"`` and ``mode="reduce-overhead"`` (CUDA graphs:
+no launch gaps, which matter at batch 32); the forward+loss function is compiled (the backward follows through
+AOTAutograd). ``regional`` compiles one block and reuses it for all (seconds instead of minutes of compile).
+``step-graph`` / ``regional-step-graph`` capture the whole compiled step, update included, in CUDA graphs.
+Each runs with the residual stream in fp32 (official) and in bf16 (``low_precision_residual``), and with the
+stock modules or the Triton kernels (``--kernels fused``).
 
 FLOPs per image, forward, matmuls only (a multiply-add = 2 FLOPs), N tokens, H hidden, F SwiGLU hidden,
 L blocks, C input channels, p patch, R / D REPA projector hidden / output widths:
@@ -41,6 +44,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -50,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import print_kernel_profile, write_json_report  # noqa: E402
 from sfd_core.models import build_model, model_config  # noqa: E402
-from sfd_core.optim import AdamWWithEMA  # noqa: E402
+from sfd_core.optim import AdamWWithEMA, autocast_weights  # noqa: E402
 from sfd_core.reporting import log  # noqa: E402
 
 try:  # the project's SFD objective; a faithful local copy keeps the benchmark usable without it
@@ -62,6 +66,9 @@ except ImportError:  # pragma: no cover
 COMPILE_MODES = {"eager": None, "compile": "default", "max-autotune": "max-autotune-no-cudagraphs",
                  "cudagraphs": "reduce-overhead", "regional": "default",
                  "regional-max-autotune": "max-autotune-no-cudagraphs"}
+# Training only (CUDA): the whole step (forward + backward, then the update) captured in CUDA graphs and
+# replayed, over the compiled variant named here: no launch gaps and no host work between the kernels.
+STEP_GRAPHS = {"step-graph": "compile", "regional-step-graph": "regional"}
 # Residual stream under autocast: "fp32" (promoted by the fp32 position embedding, the official behaviour) or
 # "bf16" (LightningDiT(low_precision_residual=True): stays in the autocast dtype).
 RESIDUAL_STREAMS = {"fp32": False, "bf16": True}
@@ -69,6 +76,9 @@ RESIDUAL_STREAMS = {"fp32": False, "bf16": True}
 # "fused-no-norm-modulate" leaves the adaLN norm + modulation to Inductor (to attribute that kernel's share).
 KERNELS = {"stock": False, "fused": True, "fused-no-norm-modulate": ("qkv_norm_rope", "swiglu")}
 UPDATES = ("eager", "fused")   # AdamWWithEMA(fused=...)
+# Weights the model computes with: "fp32" (autocast casts them every step) or "bf16" copies of the linear and
+# convolution weights with fp32 masters in the optimizer (AdamWWithEMA(bf16_weights=autocast_weights(model))).
+WEIGHTS = ("fp32", "bf16")
 EMA_DECAY = 0.9999
 
 
@@ -184,8 +194,36 @@ def make_loss_fn(model, semantic_channels: int):
     return lambda x1, y, dino: local_sfd_loss(model, x1, y, dino, semantic_channels=semantic_channels)["loss"]
 
 
+def capture_step(forward_backward, update: AdamWWithEMA, warmup: int):
+    """The training step as two CUDA graphs (forward + backward; the update), after ``warmup`` eager steps on
+    a side stream (compilation, allocator warm-up). The update's graph is captured after one real update
+    from the first graph's gradients, which caches the kernel's pointer table of those (static) gradients.
+    Returns the replaying step."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            forward_backward()
+            update.step()
+            update.zero_grad()
+    torch.cuda.current_stream().wait_stream(side)
+    backward_graph, update_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(backward_graph):
+        loss = forward_backward()
+    backward_graph.replay()
+    update.step()
+    with torch.cuda.graph(update_graph):
+        update.step()
+
+    def step():
+        backward_graph.replay()
+        update_graph.replay()
+        return loss
+    return step
+
+
 def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: str, kernels: str, update_mode: str,
-                batch: int, flops_per_image: float, ceiling: float) -> dict:
+                weights: str, batch: int, flops_per_image: float, ceiling: float) -> dict:
     reset_memory(device)
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -196,31 +234,39 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: s
     params = [p for p in model.parameters() if p.requires_grad]
     ema_params = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
     update = AdamWWithEMA(params, ema_params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=EMA_DECAY,
-                          fused=update_mode == "fused")
+                          fused=update_mode == "fused",
+                          bf16_weights=autocast_weights(model) if weights == "bf16" else ())
     loss_fn = make_loss_fn(model, cfg["semantic_channels"])
-    if variant.startswith("regional"):   # one compile of a block, reused by all of them
+    compiled = STEP_GRAPHS.get(variant, variant)
+    if compiled.startswith("regional"):   # one compile of a block, reused by all of them
         for block in model.blocks:
-            block.compile(mode=COMPILE_MODES[variant], dynamic=False)
-    elif COMPILE_MODES[variant]:
-        loss_fn = torch.compile(loss_fn, mode=COMPILE_MODES[variant], dynamic=False)
+            block.compile(mode=COMPILE_MODES[compiled], dynamic=False)
+    elif COMPILE_MODES[compiled]:
+        loss_fn = torch.compile(loss_fn, mode=COMPILE_MODES[compiled], dynamic=False)
     x1 = torch.randn(batch, cfg["in_channels"], cfg["input_size"], cfg["input_size"], device=device)
     y = torch.randint(0, cfg["num_classes"], (batch,), device=device)
     dino = torch.randn(batch, cfg["repa_out_dim"], cfg["input_size"] // cfg["patch_size"],
                        cfg["input_size"] // cfg["patch_size"], device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
-    def step():
+    def forward_backward():
         if variant == "cudagraphs":   # a new iteration: earlier graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = loss_fn(x1, y, dino)
         loss.backward()
+        return loss
+
+    def step():
+        loss = forward_backward()
         update.step()
         update.zero_grad()
         return loss
 
     t0 = time.perf_counter()
-    for _ in range(args.warmup):
+    if variant in STEP_GRAPHS:
+        step = capture_step(forward_backward, update, args.warmup)
+    for _ in range(args.warmup if variant not in STEP_GRAPHS else 0):
         loss = step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -231,10 +277,10 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: s
     step_s = timer.seconds / args.steps
     if args.profile:
         print_kernel_profile(step, device, f"train {variant}, {residual} residual, {kernels} kernels, "
-                             f"{update_mode} update, batch {batch}", top=45)
+                             f"{update_mode} update, {weights} weights, batch {batch}", top=45)
     img_per_s = batch / step_s
     result = {"kind": "train", "variant": variant, "residual": residual, "kernels": kernels, "update": update_mode,
-              "batch": batch, "step_ms": 1e3 * step_s, "img_per_s": img_per_s,
+              "weights": weights, "batch": batch, "step_ms": 1e3 * step_s, "img_per_s": img_per_s,
               "tflops": 3 * flops_per_image * img_per_s / 1e12, "mfu": 3 * flops_per_image * img_per_s / ceiling,
               "peak_mem_gib": peak_memory_gib(device), "warmup_s": warmup_s, "loss": float(loss.detach())}
     del model, ema, update, params, ema_params, loss_fn
@@ -277,11 +323,11 @@ def bench_sampler(args, cfg: dict, device: torch.device, variant: str, precision
 
 # ------------------------------------------------------------------------------------------------- driver
 def markdown(results: list[dict]) -> str:
-    lines = ["| run | variant | precision | residual | kernels | update | batch | ms/step | img/s | TFLOP/s | MFU "
-             "| peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | variant | precision | residual | kernels | update | weights | batch | ms/step | img/s "
+             "| TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         head = (f"| {r['kind']} | {r['variant']} | {r.get('precision', 'bf16 autocast')} | {r.get('residual', '-')} "
-                f"| {r.get('kernels', '-')} | {r.get('update', '-')} |")
+                f"| {r.get('kernels', '-')} | {r.get('update', '-')} | {r.get('weights', '-')} |")
         if "error" in r:
             lines.append(f"{head} {r['batch']} | error: {r['error'][:60]} | | | | |")
             continue
@@ -305,6 +351,7 @@ def parse_args(argv=None):
                         help=f"training residual streams, comma list of {sorted(RESIDUAL_STREAMS)}")
     parser.add_argument("--kernels", default="stock", help=f"training kernels, comma list of {sorted(KERNELS)}")
     parser.add_argument("--update", default="fused", help=f"AdamW + EMA update, comma list of {list(UPDATES)}")
+    parser.add_argument("--weights", default="fp32", help=f"model weights in training, comma list of {list(WEIGHTS)}")
     parser.add_argument("--qkv-config", default=None, metavar="FWD_ROWS,FWD_WARPS,BWD_ROWS,BWD_WARPS",
                         help="launch configuration of the fused qkv_norm_rope kernels (see benchmarks/kernels.py)")
     parser.add_argument("--swiglu-config", default=None, metavar="ROWS,COLS,WARPS",
@@ -331,11 +378,14 @@ def parse_args(argv=None):
                 parser.error(f"unknown {what} {v!r}; choose from {sorted(allowed)}")
         return picked
 
-    args.variants = choices(args.variants or default_train, COMPILE_MODES, "variant")
+    args.variants = choices(args.variants or default_train, {**COMPILE_MODES, **STEP_GRAPHS}, "variant")
+    if not cuda and set(args.variants) & set(STEP_GRAPHS):
+        parser.error(f"{sorted(STEP_GRAPHS)} capture CUDA graphs: they need a cuda device")
     args.sampler_variants = choices(args.sampler_variants or default_sampler, COMPILE_MODES, "variant")
     args.residual = choices(args.residual, RESIDUAL_STREAMS, "residual stream")
     args.kernels = choices(args.kernels, KERNELS, "kernels")
     args.update = choices(args.update, dict.fromkeys(UPDATES), "update")
+    args.weights = choices(args.weights, dict.fromkeys(WEIGHTS), "weights")
     args.ceiling_size = args.ceiling_size or (8192 if cuda else 1024)
     args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     return args
@@ -390,15 +440,18 @@ def main(argv=None) -> dict:
 
     results = []
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    for variant, residual, kernels, update_mode, batch in itertools.product(
-            args.variants, args.residual, args.kernels, args.update, batches):
-        log(f"train step: {variant}, {residual} residual, {kernels} kernels, {update_mode} update, batch {batch}")
+    for variant, residual, kernels, update_mode, weights, batch in itertools.product(
+            args.variants, args.residual, args.kernels, args.update, args.weights, batches):
+        log(f"train step: {variant}, {residual} residual, {kernels} kernels, {update_mode} update, "
+            f"{weights} weights, batch {batch}")
         try:
-            results.append(bench_train(args, cfg, device, variant, residual, kernels, update_mode, batch, train_fwd,
-                                       ceiling))
-        except torch.OutOfMemoryError as exc:   # report and continue with the other configurations
+            results.append(bench_train(args, cfg, device, variant, residual, kernels, update_mode, weights, batch,
+                                       train_fwd, ceiling))
+        except (torch.OutOfMemoryError, RuntimeError) as exc:   # report and go on with the other configurations
+            traceback.print_exc()
             results.append({"kind": "train", "variant": variant, "residual": residual, "kernels": kernels,
-                            "update": update_mode, "batch": batch, "error": f"OOM: {exc}"[:300]})
+                            "update": update_mode, "weights": weights, "batch": batch,
+                            "error": f"{type(exc).__name__}: {exc}"[:300]})
         log(json.dumps(results[-1]))
     for variant in args.sampler_variants:
         for precision in ("bf16", "fp32"):

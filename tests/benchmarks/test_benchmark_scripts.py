@@ -19,21 +19,28 @@ def run_script(name: str, *args: str) -> str:
     return done.stdout
 
 
-def test_train_step_measures_residual_streams_and_kernels(tmp_path):
+def test_train_step_measures_residual_streams_kernels_and_weights(tmp_path):
     out = tmp_path / "train_step.json"
     stdout = run_script("train_step.py", "--model", "LightningDiT-tiny/1", "--device", "cpu", "--steps", "1",
                         "--batch-sizes", "2", "--variants", "eager", "--residual", "fp32,bf16",
-                        "--kernels", "stock,fused", "--sampler-variants", "none", "--profile", "--set", "input_size=8",
-                        "--json", str(out))
+                        "--kernels", "stock,fused", "--weights", "fp32,bf16", "--sampler-variants", "none",
+                        "--profile", "--set", "input_size=8", "--json", str(out))
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert [(r["variant"], r["residual"], r["kernels"], r["batch"]) for r in rows] == [
-        ("eager", residual, kernels, 2) for residual in ("fp32", "bf16") for kernels in ("stock", "fused")]
+    assert [(r["variant"], r["residual"], r["kernels"], r["weights"], r["batch"]) for r in rows] == [
+        ("eager", residual, kernels, weights, 2) for residual in ("fp32", "bf16") for kernels in ("stock", "fused")
+        for weights in ("fp32", "bf16")]
     assert all(r["img_per_s"] > 0 and math.isfinite(r["loss"]) for r in rows)
     # The analytic FLOP count is the one the counter measures (XL/1: within 1e-4; this tiny model, 0.4%).
     assert abs(report["flops"]["train_ratio_counted_over_analytic"] - 1.0) < 1e-2
     assert all(r["update"] == "fused" for r in rows)   # the default: AdamWWithEMA(fused=True)
-    assert "kernel profile: train eager, bf16 residual, fused kernels, fused update, batch 2" in stdout
+    assert "kernel profile: train eager, bf16 residual, fused kernels, fused update, bf16 weights, batch 2" in stdout
+
+
+def test_train_step_graph_variants_need_cuda():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu",
+                           "--variants", "step-graph"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "need a cuda device" in done.stderr
 
 
 def test_kernels_benchmark_times_both_paths_and_the_sweep(tmp_path):
@@ -65,3 +72,16 @@ def test_extraction_smoke_compares_with_strict_fp32(tmp_path):
     # bf16 against strict fp32: close, but not identical (the fast path really ran in bf16).
     for diffs in row["accuracy_vs_fp32"].values():
         assert 0 < diffs["max_rel"] < 0.05
+
+
+def test_optimizer_benchmark_compares_the_update_paths_per_weight_dtype(tmp_path):
+    out = tmp_path / "optimizer.json"
+    stdout = run_script("optimizer.py", "--model", "LightningDiT-tiny/1", "--device", "cpu", "--reps", "1",
+                        "--weights", "fp32,bf16", "--configs", "4096:4:1", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["eager, fp32 weights", "fused, fp32 weights", "eager, bf16 weights",
+                                       "fused, bf16 weights", "fused, fp32 weights 4096:4:1"]
+    assert all(r["ms"] > 0 and r["of_copy_bandwidth"] > 0 for r in report["results"].values())
+    # same start, same gradients: both paths end at the same masters and EMAs
+    assert all(c["max_abs_diff_eager_vs_fused"] < 1e-5 for c in report["comparisons"].values())
+    assert "bf16 weights: speed-up fused / eager" in stdout
