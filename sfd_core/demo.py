@@ -96,7 +96,7 @@ def train(cfg: DemoConfig, data: SyntheticLatents, generator: torch.Generator) -
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     trainable = [(p, e) for p, e in zip(model.parameters(), ema.parameters()) if p.requires_grad]
     update = AdamWWithEMA([p for p, _ in trainable], [e for _, e in trainable], lr=cfg.lr, weight_decay=0.0,
-                          ema_decay=cfg.ema_decay, fused=False)
+                          ema_decay=cfg.ema_decay, fused=False)   # CPU: the kernel would run interpreted
     loss_cfg = LossConfig(delta_t=cfg.delta_t, semantic_channels=cfg.semantic_channels,
                           repa_weight=cfg.repa_weight)
     history = []

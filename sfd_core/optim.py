@@ -2,8 +2,8 @@
 
 The trainer (``sfd_core.train_sfd``), the demo and the benchmarks step through :class:`AdamWWithEMA`. With
 ``fused=True`` (the default) and the weights on a device the Triton kernels run on, both updates are one launch
-of ``sfd_core.kernels.adamw_ema`` (each value read and written once, 36 B per weight instead of 40: 6.86 against
-8.84 ms at XL/1 on an H200, benchmarks/optimizer.py); otherwise torch's fused AdamW (CUDA) or foreach AdamW
+of ``sfd_core.kernels.adamw_ema`` (each value read and written once, 36 B per weight instead of 40: 6.76 against
+8.59 ms at XL/1 on an H200, benchmarks/optimizer.py); otherwise torch's fused AdamW (CUDA) or foreach AdamW
 (CPU) runs, then one multi-tensor EMA pass.
 
 ``bf16_weights`` (e.g. :func:`autocast_weights`) keeps those weights in the model as bf16 compute copies and

@@ -73,8 +73,8 @@ def test_train_step_is_adamw_then_the_ema_of_the_updated_weights():
     kwargs = dict(input_size=8, in_channels=6, semantic_channels=2)
     trainer = SFDTrainer(cfg, kwargs, torch.device("cpu"), distributed=False)
     before = [p.detach().clone() for p in trainer.params]
-    grid, dim = 8 // 1, model_config("LightningDiT-tiny/1")["repa_out_dim"]
-    batch = (torch.randn(4, 6, 8, 8), torch.randint(0, 1000, (4,)), torch.randn(4, dim, grid, grid))
+    dim = model_config("LightningDiT-tiny/1")["repa_out_dim"]
+    batch = (torch.randn(4, 6, 8, 8), torch.randint(0, 1000, (4,)), torch.randn(4, dim, 8, 8))   # patch 1
     terms = trainer.train_step([batch], [torch.Generator().manual_seed(0)])
     assert torch.isfinite(terms).all()
     trained = {id(p) for p in trainer.params}
