@@ -60,8 +60,10 @@ def stock_qkv_norm_rope(qkv, q_norm, k_norm, rope, num_heads):
     return rope(q_norm(q)), rope(k_norm(k)), v
 
 
-def stock_swiglu(h):
-    gate, value = h.chunk(2, dim=-1)
+def stock_swiglu(h, bias):
+    """The MLP middle of the stock module, from w12's output before its bias (the fused op adds the bias and
+    returns its gradient; the stock linear layer adds it in the matmul and sums its gradient separately)."""
+    gate, value = (h + bias).chunk(2, dim=-1)
     return F.silu(gate) * value
 
 
@@ -144,17 +146,18 @@ def main(argv=None) -> dict:
                        [qkv, q_norm.weight, k_norm.weight], attn_grads, device, args.reps, qkv_bytes)]
 
     mlp_in = torch.randn(b, n, 2 * args.mlp_hidden, device=device, dtype=dtype).requires_grad_()
+    mlp_bias = (0.1 * torch.randn(2 * args.mlp_hidden, device=device, dtype=dtype)).requires_grad_()
     stock_mlp = torch.compile(stock_swiglu) if compile_stock else stock_swiglu
     swiglu_bytes = (1.5 + 2.5) * mlp_in.numel() * item   # fwd read h write h/2; bwd read h + h/2, write h
-    rows.append(timed_pair("swiglu", lambda: stock_mlp(mlp_in), lambda: swiglu(mlp_in), [mlp_in],
-                           lambda out: torch.ones_like(out), device, args.reps, swiglu_bytes))
+    rows.append(timed_pair("swiglu", lambda: stock_mlp(mlp_in, mlp_bias), lambda: swiglu(mlp_in, mlp_bias),
+                           [mlp_in, mlp_bias], lambda out: torch.ones_like(out), device, args.reps, swiglu_bytes))
 
     stream, attn_out = (torch.randn(b, n, h, device=device, dtype=dtype).requires_grad_() for _ in range(2))
     norm1, norm2 = RMSNorm(h).to(device), RMSNorm(h).to(device)
     conditioning = [(0.1 * torch.randn(b, h, device=device, dtype=dtype)).requires_grad_() for _ in range(5)]
     adaln_args = (stream, attn_out, conditioning[0], norm1, norm2, *conditioning[1:])
     stock_adaln = torch.compile(stock_adaln_inputs) if compile_stock else stock_adaln_inputs
-    # compiled too: the fused ops' backward leaves its token sums to Inductor
+    # compiled too: the [B, C] gradient work after the fused ops' token sums is traced
     fused_adaln = torch.compile(fused_adaln_inputs) if compile_stock else fused_adaln_inputs
     # forward: read x, write h1; read x, attn_out, write stream, h2. backward rows: read dh1, x, write dx; read
     # dh2, d stream, stream, write dx, d attn_out; token sums: read dh1, x; dh2, stream, attn_out, dx
@@ -166,8 +169,8 @@ def main(argv=None) -> dict:
 
     sweep, swiglu_sweep, norm_sweep = [], [], []
     if args.sweep:
-        defaults = (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.CONFIG,
-                    norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG)
+        defaults = (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.FORWARD_CONFIG,
+                    swiglu_module.BACKWARD_CONFIG, norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG)
         outs = fused_attn()
         grads = [g.contiguous() for g in attn_grads(outs)]
         mlp_grad = torch.ones(b, n, args.mlp_hidden, device=device, dtype=dtype)
@@ -183,10 +186,11 @@ def main(argv=None) -> dict:
                     sweep.append({"block_rows": block_rows, "warps": warps, "fwd_ms": fwd, "bwd_ms": bwd})
                     log(f"qkv_norm_rope rows/program {block_rows}, warps {warps}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms")
             for config in ((16, 128, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8), (32, 128, 8), (16, 256, 8)):
-                swiglu_module.CONFIG = config
+                swiglu_module.FORWARD_CONFIG = swiglu_module.BACKWARD_CONFIG = config
                 with torch.no_grad():
-                    fwd = median_ms(lambda: swiglu(mlp_in), device, args.reps)
-                bwd = median_ms(lambda: swiglu_module.swiglu_backward(mlp_grad, mlp_in), device, args.reps)
+                    fwd = median_ms(lambda: swiglu(mlp_in, mlp_bias), device, args.reps)
+                bwd = median_ms(lambda: swiglu_module.swiglu_backward(mlp_grad, mlp_in, mlp_bias), device,
+                                args.reps)
                 swiglu_sweep.append({"config": config, "fwd_ms": fwd, "bwd_ms": bwd})
                 log(f"swiglu (rows, cols, warps) {config}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms")
             grad = torch.ones_like(stream)
@@ -205,8 +209,8 @@ def main(argv=None) -> dict:
                 norm_sweep.append({"pass": "backward", "config": config, "ms": bwd})
                 log(f"residual_norm_modulate backward rows (rows, warps) {config}: {bwd:.3f} ms")
         finally:
-            (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.CONFIG,
-             norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG) = defaults
+            (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.FORWARD_CONFIG,
+             swiglu_module.BACKWARD_CONFIG, norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG) = defaults
 
     print(f"\n### fused kernels, batch {b} x {n} tokens, hidden {h}, {heads} heads, bf16 "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})\n")

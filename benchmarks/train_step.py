@@ -79,6 +79,9 @@ UPDATES = ("eager", "fused")   # AdamWWithEMA(fused=...)
 # Weights the model computes with: "fp32" (autocast casts them every step) or "bf16" copies of the linear and
 # convolution weights with fp32 masters in the optimizer (AdamWWithEMA(bf16_weights=autocast_weights(model))).
 WEIGHTS = ("fp32", "bf16")
+# Inductor settings a run compiles under (``--inductor``): "default", or named sets of torch._inductor.config
+# values, so that a same-run A/B can show what a setting is worth.
+INDUCTOR_SETS = {"default": {}, "cdt": {"coordinate_descent_tuning": True}}
 EMA_DECAY = 0.9999
 
 
@@ -223,7 +226,17 @@ def capture_step(forward_backward, update: AdamWWithEMA, warmup: int):
 
 
 def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: str, kernels: str, update_mode: str,
-                weights: str, batch: int, flops_per_image: float, ceiling: float) -> dict:
+                weights: str, inductor: str, batch: int, flops_per_image: float, ceiling: float) -> dict:
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(INDUCTOR_SETS[inductor]):
+        result = _bench_train(args, cfg, device, variant, residual, kernels, update_mode, weights, batch,
+                              flops_per_image, ceiling)
+    return {**result, "inductor": inductor}
+
+
+def _bench_train(args, cfg: dict, device: torch.device, variant: str, residual: str, kernels: str,
+                 update_mode: str, weights: str, batch: int, flops_per_image: float, ceiling: float) -> dict:
     reset_memory(device)
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -277,7 +290,7 @@ def bench_train(args, cfg: dict, device: torch.device, variant: str, residual: s
     step_s = timer.seconds / args.steps
     if args.profile:
         print_kernel_profile(step, device, f"train {variant}, {residual} residual, {kernels} kernels, "
-                             f"{update_mode} update, {weights} weights, batch {batch}", top=45)
+                             f"{update_mode} update, {weights} weights, batch {batch}", top=args.profile_top)
     img_per_s = batch / step_s
     result = {"kind": "train", "variant": variant, "residual": residual, "kernels": kernels, "update": update_mode,
               "weights": weights, "batch": batch, "step_ms": 1e3 * step_s, "img_per_s": img_per_s,
@@ -323,11 +336,12 @@ def bench_sampler(args, cfg: dict, device: torch.device, variant: str, precision
 
 # ------------------------------------------------------------------------------------------------- driver
 def markdown(results: list[dict]) -> str:
-    lines = ["| run | variant | precision | residual | kernels | update | weights | batch | ms/step | img/s "
-             "| TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | variant | precision | residual | kernels | update | weights | inductor | batch | ms/step | img/s "
+             "| TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         head = (f"| {r['kind']} | {r['variant']} | {r.get('precision', 'bf16 autocast')} | {r.get('residual', '-')} "
-                f"| {r.get('kernels', '-')} | {r.get('update', '-')} | {r.get('weights', '-')} |")
+                f"| {r.get('kernels', '-')} | {r.get('update', '-')} | {r.get('weights', '-')} "
+                f"| {r.get('inductor', '-')} |")
         if "error" in r:
             lines.append(f"{head} {r['batch']} | error: {r['error'][:60]} | | | | |")
             continue
@@ -354,8 +368,8 @@ def parse_args(argv=None):
     parser.add_argument("--weights", default="fp32", help=f"model weights in training, comma list of {list(WEIGHTS)}")
     parser.add_argument("--qkv-config", default=None, metavar="FWD_ROWS,FWD_WARPS,BWD_ROWS,BWD_WARPS",
                         help="launch configuration of the fused qkv_norm_rope kernels (see benchmarks/kernels.py)")
-    parser.add_argument("--swiglu-config", default=None, metavar="ROWS,COLS,WARPS",
-                        help="launch configuration of the fused swiglu kernels")
+    parser.add_argument("--swiglu-config", default=None, metavar="ROWS,COLS,WARPS,ROWS,COLS,WARPS",
+                        help="launch configuration of the fused swiglu kernels (forward, then backward)")
     parser.add_argument("--norm-config", default=None, metavar="FWD_ROWS,FWD_WARPS,BWD_ROWS,BWD_WARPS",
                         help="launch configuration of the fused norm_modulate kernels")
     parser.add_argument("--sampler-variants", default=None, help="default: eager,compile on cuda, eager on cpu")
@@ -365,6 +379,9 @@ def parse_args(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="ARG=VALUE",
                         help="model constructor override, e.g. --set input_size=8 (repeatable)")
     parser.add_argument("--profile", action="store_true", help="print the top device kernels of each train run")
+    parser.add_argument("--profile-top", type=int, default=45, help="kernels listed by --profile")
+    parser.add_argument("--inductor", default="default",
+                        help=f"Inductor settings of the compiled train runs, comma list of {sorted(INDUCTOR_SETS)}")
     parser.add_argument("--json", default=None, help="output JSON path (default $OUT/train_step.json)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -386,6 +403,7 @@ def parse_args(argv=None):
     args.kernels = choices(args.kernels, KERNELS, "kernels")
     args.update = choices(args.update, dict.fromkeys(UPDATES), "update")
     args.weights = choices(args.weights, dict.fromkeys(WEIGHTS), "weights")
+    args.inductor = choices(args.inductor, INDUCTOR_SETS, "Inductor settings")
     args.ceiling_size = args.ceiling_size or (8192 if cuda else 1024)
     args.overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     return args
@@ -400,7 +418,8 @@ def set_kernel_launch_configs(args) -> None:
         qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG = values[:2], values[2:]
     if args.swiglu_config:
         from sfd_core.kernels import swiglu as swiglu_module
-        swiglu_module.CONFIG = tuple(int(v) for v in args.swiglu_config.split(","))
+        values = tuple(int(v) for v in args.swiglu_config.split(","))
+        swiglu_module.FORWARD_CONFIG, swiglu_module.BACKWARD_CONFIG = values[:3], values[3:]
     if args.norm_config:
         from sfd_core.kernels import norm_modulate as norm_module
         values = tuple(int(v) for v in args.norm_config.split(","))
@@ -440,17 +459,17 @@ def main(argv=None) -> dict:
 
     results = []
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    for variant, residual, kernels, update_mode, weights, batch in itertools.product(
-            args.variants, args.residual, args.kernels, args.update, args.weights, batches):
+    for variant, residual, kernels, update_mode, weights, inductor, batch in itertools.product(
+            args.variants, args.residual, args.kernels, args.update, args.weights, args.inductor, batches):
         log(f"train step: {variant}, {residual} residual, {kernels} kernels, {update_mode} update, "
-            f"{weights} weights, batch {batch}")
+            f"{weights} weights, {inductor} Inductor settings, batch {batch}")
         try:
-            results.append(bench_train(args, cfg, device, variant, residual, kernels, update_mode, weights, batch,
-                                       train_fwd, ceiling))
+            results.append(bench_train(args, cfg, device, variant, residual, kernels, update_mode, weights,
+                                       inductor, batch, train_fwd, ceiling))
         except (torch.OutOfMemoryError, RuntimeError) as exc:   # report and go on with the other configurations
             traceback.print_exc()
             results.append({"kind": "train", "variant": variant, "residual": residual, "kernels": kernels,
-                            "update": update_mode, "weights": weights, "batch": batch,
+                            "update": update_mode, "weights": weights, "inductor": inductor, "batch": batch,
                             "error": f"{type(exc).__name__}: {exc}"[:300]})
         log(json.dumps(results[-1]))
     for variant in args.sampler_variants:

@@ -7,9 +7,10 @@ rounded; ``1 + scale``, the product and the sum each rounded to their eager dtyp
 
 Backward: the row kernel recomputes the norm from the saved stream and writes the stream gradient
 (``dx = r (dn - n mean(dn n))`` plus the gradient arriving along the residual), with the residual also
-``dy = dx * gate``, and 1 / rms per row; the sums over tokens (shift, scale and gate gradients per image, the norm
-weight gradient) are tensor code in the autograd formula, which the compiled backward turns into fused column
-reductions.
+``dy = dx * gate``, and 1 / rms per row. A second kernel takes each image's sums over tokens in one coalesced
+pass (``sum dh``, ``sum dh n`` with n the normalised stream, and ``sum dx y`` for the gate), from which the shift,
+scale, gate and norm-weight gradients follow with [B, C] work only. (Left to Inductor as traced tensor code,
+the same sums compiled to two column reductions per norm that re-read dh and the stream.)
 
 Inductor lowers the same work to a handful of elementwise kernels and token-axis reductions that re-read the
 [B, N, C] activations several times (about 33 ms of the 226 ms XL/1 step at batch 128 on an H200).
@@ -76,9 +77,41 @@ if TRITON_AVAILABLE:
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + r, rstd, mask=r < rows)
 
+    @triton.jit
+    def _token_sums_kernel(dh_ptr, out_ptr, rstd_ptr, dx_ptr, y_ptr, sums_ptr, TOKENS: tl.constexpr, C: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One program per (image, column block): walks the image's tokens in coalesced [BLOCK_N, BLOCK_C] tiles
+        and writes the image's sums over tokens of dh, dh * normed and (residual) dx * y to sums [B, 3, C]."""
+        image = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        sum_dh = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sum_dh_normed = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sum_dx_y = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for start in range(0, TOKENS, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            mask = (n < TOKENS)[:, None] & c_mask[None, :]
+            offs = (image * TOKENS + n)[:, None] * C + c[None, :]
+            dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + image * TOKENS + n, mask=n < TOKENS, other=0.0)
+            x = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            normed = (x * rstd[:, None]).to(out_ptr.dtype.element_ty).to(tl.float32)
+            sum_dh += tl.sum(dh, axis=0)
+            sum_dh_normed += tl.sum(dh * normed, axis=0)
+            if HAS_RESIDUAL:
+                dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                sum_dx_y += tl.sum(dx * y, axis=0)
+        row = sums_ptr + image * 3 * C + c
+        tl.store(row, sum_dh, mask=c_mask)
+        tl.store(row + C, sum_dh_normed, mask=c_mask)
+        tl.store(row + 2 * C, sum_dx_y, mask=c_mask)   # zeros without the residual
+
 # (rows per program, warps) of each pass, measured on an H200 at XL/1 shapes with benchmarks/kernels.py
 FORWARD_CONFIG = (4, 8)
 BACKWARD_CONFIG = (4, 4)
+# (tokens per tile, columns per program, warps) of the token sums
+TOKEN_SUMS_CONFIG = (32, 64, 4)
 
 
 def _check(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int]:
@@ -146,7 +179,7 @@ def norm_modulate_backward(dh: torch.Tensor, dout: torch.Tensor | None, out: tor
                            eps: float) -> list[torch.Tensor]:
     """The row-wise part of both ops' backward, from the saved stream ``out`` (x itself without the residual):
     [d x, 1 / rms per row] and, with the residual (y given: d y has its dtype), [d y] after them. The token-axis
-    sums are in ``_token_sums``."""
+    sums are in ``norm_modulate_token_sums``."""
     batch, tokens, width = _check(out, scale, scale)
     residual = y is not None
     dx = torch.empty(out.shape, device=out.device, dtype=x_dtype)
@@ -169,17 +202,36 @@ def _(dh, dout, out, y, gate, weight, scale, x_dtype, eps):
     return (grads + [torch.empty_like(y)]) if y is not None else grads
 
 
-def _token_sums(dh, out, rstd, weight, scale):
-    """Gradients of the norm weight, shift and scale: sums over tokens (and images, for the weight) that are
-    plain tensor code, so the compiled backward fuses them into its column reductions, which run at full memory
-    bandwidth (accumulating them per program in the row kernel measured slower in the XL/1 step: 13.6 against
-    12.3 ms, benchmarks/RESULTS.md)."""
-    normed = (out.float() * rstd.unsqueeze(-1)).to(out.dtype)
-    weighted = (normed.float() * weight).to(out.dtype)
-    d_weighted = (dh * (1 + scale.unsqueeze(1))).float()
-    dh = dh.float()
-    d_weight = (d_weighted * normed.float()).sum((0, 1)).to(weight.dtype)
-    return d_weight, dh.sum(1).to(scale.dtype), (dh * weighted.float()).sum(1).to(scale.dtype)
+@torch.library.custom_op("sfd::norm_modulate_token_sums", mutates_args=())
+def norm_modulate_token_sums(dh: torch.Tensor, out: torch.Tensor, rstd: torch.Tensor, dx: torch.Tensor | None,
+                             y: torch.Tensor | None) -> torch.Tensor:
+    """Per image, sums over tokens in fp32 -> [B, 3, C]: of dh, of dh * RMSNorm(out) (normalised, rounded to the
+    stream dtype, before the weight) and, with the residual (dx, y given), of dx * y (the gate's gradient)."""
+    batch, tokens, width = out.shape
+    residual = y is not None
+    sums = torch.empty(batch, 3, width, device=out.device, dtype=torch.float32)
+    block_n, block_c, warps = TOKEN_SUMS_CONFIG
+    _token_sums_kernel[(batch, triton.cdiv(width, block_c))](
+        dh.contiguous(), out.contiguous(), rstd.contiguous(), dx.contiguous() if residual else dh,
+        y.contiguous() if residual else dh, sums, TOKENS=tokens, C=width, HAS_RESIDUAL=residual, BLOCK_N=block_n,
+        BLOCK_C=block_c, num_warps=warps)
+    return sums
+
+
+@norm_modulate_token_sums.register_fake
+def _(dh, out, rstd, dx, y):
+    return out.new_empty(out.shape[0], 3, out.shape[2], dtype=torch.float32)
+
+
+def _conditioning_grads(sums, weight, scale):
+    """Norm weight, shift and scale gradients from the per-image token sums: with n = RMSNorm(x) before the
+    weight, d shift = sum dh, d scale = w sum dh n and d w = sum over images of (1 + scale) sum dh n. Only [B, C]
+    work is left after the one pass over the tokens (the scale and weight gradients are exact sums taken in fp32,
+    without the bf16 roundings of the forward's intermediate products)."""
+    sum_dh_normed = sums[:, 1]
+    one_plus_scale = (1 + scale).float()   # rounded like the forward's (1 + scale)
+    d_weight = (sum_dh_normed * one_plus_scale).sum(0).to(weight.dtype)
+    return d_weight, sums[:, 0].to(scale.dtype), (sum_dh_normed * weight.float()).to(scale.dtype)
 
 
 def _setup_plain(ctx, inputs, output):
@@ -191,7 +243,8 @@ def _setup_plain(ctx, inputs, output):
 def _backward_plain(ctx, dh):
     x, weight, scale = ctx.saved_tensors
     dx, rstd = norm_modulate_backward(dh, None, x, None, None, weight, scale, x.dtype, ctx.eps)
-    return dx, *_token_sums(dh, x, rstd, weight, scale), None
+    sums = norm_modulate_token_sums(dh, x, rstd, None, None)
+    return dx, *_conditioning_grads(sums, weight, scale), None
 
 
 def _setup_residual(ctx, inputs, output):
@@ -206,8 +259,8 @@ def _backward_residual(ctx, dout, dh):
     dh = torch.zeros(out.shape, device=out.device, dtype=torch.promote_types(out.dtype, scale.dtype)) \
         if dh is None else dh
     dx, rstd, dy = norm_modulate_backward(dh, dout, out, y, gate, weight, scale, ctx.x_dtype, ctx.eps)
-    d_gate = (dx.float() * y.float()).sum(1).to(gate.dtype)
-    return dx, dy, d_gate, *_token_sums(dh, out, rstd, weight, scale), None
+    sums = norm_modulate_token_sums(dh, out, rstd, dx, y)
+    return dx, dy, sums[:, 2].to(gate.dtype), *_conditioning_grads(sums, weight, scale), None
 
 
 norm_modulate.register_autograd(_backward_plain, setup_context=_setup_plain)

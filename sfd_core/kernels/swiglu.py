@@ -4,6 +4,11 @@ The backward reads gate, value and the output gradient once and writes both halv
 place; Inductor's lowering of ``chunk`` + ``silu`` backward builds the same tensor through a masked
 concatenation that runs at about half the memory bandwidth (the largest elementwise kernel of the XL/1 step).
 Rounding follows the module: silu rounded to the activation dtype, then the product rounded.
+
+With ``bias`` the projection comes without its bias (``F.linear(x, w12.weight)``): the kernel adds it (rounded
+to the activation dtype, as the linear layer's output is) and the backward returns its gradient as well, from
+per-program column sums of the input gradient it writes anyway. Otherwise autograd would sum that [rows, 2F]
+gradient once more in a separate reduction over the rows.
 """
 from __future__ import annotations
 
@@ -16,83 +21,112 @@ if TRITON_AVAILABLE:
     import triton.language as tl
 
     @triton.jit
-    def _load_tile(h_ptr, rows, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+    def _load_tile(h_ptr, bias_ptr, rows, F: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_F: tl.constexpr):
         """This program's tile: offsets of the gate half in h [rows, 2F] (value = +F) and in [rows, F], the mask,
-        gate and value in fp32."""
+        gate and value (bias added, rounded to h's dtype) in fp32, and the column index."""
         m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         mask = (m < rows)[:, None] & (f < F)[None, :]
         src = m[:, None] * (2 * F) + f[None, :]
         gate = tl.load(h_ptr + src, mask=mask, other=0.0).to(tl.float32)
         value = tl.load(h_ptr + src + F, mask=mask, other=0.0).to(tl.float32)
-        return src, m[:, None] * F + f[None, :], mask, gate, value
+        if HAS_BIAS:
+            dtype = h_ptr.dtype.element_ty
+            gate = (gate + tl.load(bias_ptr + f, mask=f < F, other=0.0).to(dtype).to(tl.float32)[None, :])
+            value = (value + tl.load(bias_ptr + F + f, mask=f < F, other=0.0).to(dtype).to(tl.float32)[None, :])
+            gate, value = gate.to(dtype).to(tl.float32), value.to(dtype).to(tl.float32)
+        return src, m[:, None] * F + f[None, :], mask, gate, value, f
 
     @triton.jit
-    def _swiglu_fwd_kernel(h_ptr, out_ptr, rows, F: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
+    def _swiglu_fwd_kernel(h_ptr, bias_ptr, out_ptr, rows, F: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
         dtype = h_ptr.dtype.element_ty
-        src, dst, mask, gate, value = _load_tile(h_ptr, rows, F, BLOCK_M, BLOCK_F)
+        src, dst, mask, gate, value, f = _load_tile(h_ptr, bias_ptr, rows, F, HAS_BIAS, BLOCK_M, BLOCK_F)
         silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
         tl.store(out_ptr + dst, (silu * value).to(dtype), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd_kernel(grad_ptr, h_ptr, dh_ptr, rows, F: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_F: tl.constexpr):
+    def _swiglu_bwd_kernel(grad_ptr, h_ptr, bias_ptr, dh_ptr, dbias_partial_ptr, rows, F: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr):
         dtype = dh_ptr.dtype.element_ty
-        src, dst, mask, gate, value = _load_tile(h_ptr, rows, F, BLOCK_M, BLOCK_F)
+        src, dst, mask, gate, value, f = _load_tile(h_ptr, bias_ptr, rows, F, HAS_BIAS, BLOCK_M, BLOCK_F)
         grad = tl.load(grad_ptr + dst, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(gate)
         silu = (gate * sig).to(dtype).to(tl.float32)
-        d_gate = grad * value * sig * (1.0 + gate * (1.0 - sig))
-        tl.store(dh_ptr + src, d_gate.to(dtype), mask=mask)
-        tl.store(dh_ptr + src + F, (grad * silu).to(dtype), mask=mask)
+        d_gate = (grad * value * sig * (1.0 + gate * (1.0 - sig))).to(dtype)
+        d_value = (grad * silu).to(dtype)
+        tl.store(dh_ptr + src, d_gate, mask=mask)
+        tl.store(dh_ptr + src + F, d_value, mask=mask)
+        if HAS_BIAS:   # this program's column sums of the gradient as written (masked rows are zeros)
+            partial = dbias_partial_ptr + tl.program_id(0).to(tl.int64) * (2 * F) + f
+            tl.store(partial, tl.sum(d_gate.to(tl.float32), axis=0), mask=f < F)
+            tl.store(partial + F, tl.sum(d_value.to(tl.float32), axis=0), mask=f < F)
 
-# (rows per program, columns per program, warps), measured on an H200 at XL/1 shapes with benchmarks/kernels.py
-CONFIG = (4, 512, 4)
+# (rows per program, columns per program, warps), measured on an H200 at XL/1 shapes with benchmarks/kernels.py;
+# the backward's rows per program also set how many column-sum partials the bias gradient adds up
+FORWARD_CONFIG = (4, 512, 4)
+BACKWARD_CONFIG = (32, 128, 8)
 
 
-def _launch(kernel, *args, rows: int, hidden: int) -> None:
-    block_m, block_f, warps = CONFIG
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(hidden, block_f))
-    kernel[grid](*args, rows, F=hidden, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=warps)
+def _grid(rows: int, hidden: int, config: tuple[int, int, int]) -> tuple[int, int]:
+    return triton.cdiv(rows, config[0]), triton.cdiv(hidden, config[1])
+
+
+def _check(h: torch.Tensor, bias: torch.Tensor | None) -> int:
+    if bias is not None and bias.shape != (h.shape[-1],):
+        raise ValueError(f"bias must be [{h.shape[-1]}] like h's last dim; got {tuple(bias.shape)}")
+    return h.shape[-1] // 2
 
 
 @torch.library.custom_op("sfd::swiglu", mutates_args=())
-def swiglu(h: torch.Tensor) -> torch.Tensor:
-    """[..., 2F] = [gate | value] -> silu(gate) * value [..., F]."""
-    hidden = h.shape[-1] // 2
+def swiglu(h: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., 2F] = [gate | value] (plus ``bias`` [2F], if given) -> silu(gate) * value [..., F]."""
+    hidden = _check(h, bias)
     h = h.contiguous()
     out = h.new_empty(*h.shape[:-1], hidden)
     rows = h.numel() // (2 * hidden)
-    _launch(_swiglu_fwd_kernel, h, out, rows=rows, hidden=hidden)
+    block_m, block_f, warps = FORWARD_CONFIG
+    _swiglu_fwd_kernel[_grid(rows, hidden, FORWARD_CONFIG)](
+        h, h if bias is None else bias.contiguous(), out, rows, F=hidden, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_F=block_f, num_warps=warps)
     return out
 
 
 @swiglu.register_fake
-def _(h):
+def _(h, bias=None):
     return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
 
 
 @torch.library.custom_op("sfd::swiglu_backward", mutates_args=())
-def swiglu_backward(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    hidden = h.shape[-1] // 2
+def swiglu_backward(grad: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None) -> list[torch.Tensor]:
+    """[d h] and, with ``bias``, [d h, d bias] (d bias in bias's dtype)."""
+    hidden = _check(h, bias)
     h = h.contiguous()
     dh = torch.empty_like(h)
     rows = h.numel() // (2 * hidden)
-    _launch(_swiglu_bwd_kernel, grad.contiguous(), h, dh, rows=rows, hidden=hidden)
-    return dh
+    grid = _grid(rows, hidden, BACKWARD_CONFIG)
+    partials = torch.empty(grid[0] if bias is not None else 0, 2 * hidden, device=h.device, dtype=torch.float32)
+    block_m, block_f, warps = BACKWARD_CONFIG
+    _swiglu_bwd_kernel[grid](grad.contiguous(), h, h if bias is None else bias.contiguous(), dh, partials, rows,
+                             F=hidden, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_F=block_f,
+                             num_warps=warps)
+    return [dh] if bias is None else [dh, partials.sum(0).to(bias.dtype)]
 
 
 @swiglu_backward.register_fake
-def _(grad, h):
-    return torch.empty_like(h)
+def _(grad, h, bias):
+    return [torch.empty_like(h)] + ([torch.empty_like(bias)] if bias is not None else [])
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(*inputs)
 
 
 def _backward(ctx, grad):
-    return swiglu_backward(grad, ctx.saved_tensors[0])
+    h, bias = ctx.saved_tensors
+    grads = swiglu_backward(grad, h, bias)
+    return grads[0], (grads[1] if bias is not None else None)
 
 
 swiglu.register_autograd(_backward, setup_context=_setup_context)

@@ -40,9 +40,9 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and kernels_run_on(x):   # w12's bias is added, and its gradient summed, in the kernel
+            return self.w3(swiglu(F.linear(x, self.w12.weight), self.w12.bias))
         h = self.w12(x)
-        if self.fused and kernels_run_on(h):
-            return self.w3(swiglu(h))
         gate, value = h.chunk(2, dim=-1)
         return self.w3(F.silu(gate) * value)
 

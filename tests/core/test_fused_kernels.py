@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sfd_core.kernels import kernels_run_on
+from sfd_core.kernels import norm_modulate as norm_module
 from sfd_core.kernels.norm_modulate import norm_modulate, residual_norm_modulate
 from sfd_core.kernels.qkv_norm_rope import qkv_norm_rope
 from sfd_core.kernels.swiglu import swiglu
@@ -103,6 +104,25 @@ def test_swiglu_matches_float64_forward_and_backward():
     torch.testing.assert_close(h.grad.double(), reference_h.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_swiglu_with_bias_matches_float64_and_returns_the_bias_gradient():
+    # 3 x 15 rows against 32-row backward tiles, 40 columns against 128: partial tiles both ways
+    gen = torch.Generator().manual_seed(4)
+    h = (torch.randn(3, 15, 2 * 40, generator=gen) * 3).to(DEVICE).requires_grad_()
+    bias = torch.randn(2 * 40, generator=gen).to(DEVICE).requires_grad_()
+    reference_h, reference_bias = (t.detach().double().requires_grad_() for t in (h, bias))
+    gate, value = (reference_h + reference_bias).chunk(2, dim=-1)
+    reference = F.silu(gate) * value
+    out = swiglu(h, bias)
+    torch.testing.assert_close(out.double(), reference.detach(), rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, generator=gen).to(DEVICE)
+    out.backward(grad)
+    reference.backward(grad.double())
+    torch.testing.assert_close(h.grad.double(), reference_h.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad.double(), reference_bias.grad, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(swiglu, (h.detach().requires_grad_(), bias.detach().requires_grad_()),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
 def test_swiglu_in_bf16_rounds_like_the_stock_module_and_passes_opcheck():
     h = torch.randn(4, 2 * 24, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
     gate, value = h.chunk(2, dim=-1)
@@ -169,6 +189,25 @@ def test_norm_modulate_ops_pass_opcheck():
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(norm_modulate, (x, weight, shift, scale, 1e-6), test_utils=checks)
     torch.library.opcheck(residual_norm_modulate, (x, y, gate, weight, shift, scale, 1e-6), test_utils=checks)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_norm_modulate_token_sums_match_float64(residual):
+    # 10 tokens x 40 columns against 32-token tiles and 64-column programs: both edges masked
+    x, y, _, _, _, _ = norm_modulate_case()
+    gen = torch.Generator().manual_seed(11)
+    dh, dx = (torch.randn(x.shape, generator=gen) for _ in range(2))
+    rstd = torch.rsqrt(x.double().square().mean(-1) + 1e-6)
+    sums = norm_module.norm_modulate_token_sums(dh, x, rstd.float(), dx if residual else None,
+                                                y if residual else None)
+    normed = x.double() * rstd.unsqueeze(-1)
+    want = torch.stack([dh.double().sum(1), (dh.double() * normed).sum(1),
+                        (dx.double() * y.double()).sum(1) if residual else torch.zeros(x.shape[0], x.shape[2],
+                                                                                       dtype=torch.float64)], 1)
+    torch.testing.assert_close(sums.double(), want, rtol=1e-5, atol=1e-5)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(norm_module.norm_modulate_token_sums,
+                          (dh, x, rstd.float(), dx if residual else None, y if residual else None), test_utils=checks)
 
 
 def test_norm_modulate_rejects_mismatched_conditioning():
