@@ -26,9 +26,20 @@ if TRITON_AVAILABLE:
     import triton.language as tl
 
     @triton.jit
-    def _norm_modulate_fwd_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, h_ptr, w_ptr, shift_ptr, scale_ptr, rows, eps,
-                                  TOKENS: tl.constexpr, C: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _load_y(y_ptr, y_bias_ptr, offs, c, mask, C: tl.constexpr, HAS_Y_BIAS: tl.constexpr):
+        """The residual branch's output in fp32: y, or y + bias rounded to y's dtype (what the linear layer that
+        made y would have written with its bias)."""
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Y_BIAS:
+            dtype = y_ptr.dtype.element_ty
+            bias = tl.load(y_bias_ptr + c, mask=c < C, other=0.0).to(dtype).to(tl.float32)
+            y = (y + bias[None, :]).to(dtype).to(tl.float32)
+        return y
+
+    @triton.jit
+    def _norm_modulate_fwd_kernel(x_ptr, y_ptr, y_bias_ptr, gate_ptr, out_ptr, h_ptr, w_ptr, shift_ptr, scale_ptr,
+                                  rows, eps, TOKENS: tl.constexpr, C: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                                  HAS_Y_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         stream_dtype = out_ptr.dtype.element_ty   # without the residual out_ptr is x_ptr (never written)
         cond_dtype = scale_ptr.dtype.element_ty
         h_dtype = h_ptr.dtype.element_ty
@@ -39,7 +50,7 @@ if TRITON_AVAILABLE:
         cond = (r // TOKENS)[:, None] * C + c[None, :]   # this row's image in the [B, C] conditioning
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            y = _load_y(y_ptr, y_bias_ptr, offs, c, mask, C, HAS_Y_BIAS)
             gate = tl.load(gate_ptr + cond, mask=mask, other=0.0).to(tl.float32)
             update = (gate * y).to(gate_ptr.dtype.element_ty).to(tl.float32)
             x = (x + update).to(stream_dtype).to(tl.float32)
@@ -78,16 +89,19 @@ if TRITON_AVAILABLE:
         tl.store(rstd_ptr + r, rstd, mask=r < rows)
 
     @triton.jit
-    def _token_sums_kernel(dh_ptr, out_ptr, rstd_ptr, dx_ptr, y_ptr, sums_ptr, TOKENS: tl.constexpr, C: tl.constexpr,
-                           HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _token_sums_kernel(dh_ptr, out_ptr, rstd_ptr, dx_ptr, y_ptr, y_bias_ptr, sums_ptr, TOKENS: tl.constexpr,
+                           C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_Y_BIAS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         """One program per (image, column block): walks the image's tokens in coalesced [BLOCK_N, BLOCK_C] tiles
-        and writes the image's sums over tokens of dh, dh * normed and (residual) dx * y to sums [B, 3, C]."""
+        and writes the image's sums over tokens of dh, dh * normed and (residual) dx * y and dx to
+        sums [B, 4, C]."""
         image = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = c < C
         sum_dh = tl.zeros([BLOCK_C], dtype=tl.float32)
         sum_dh_normed = tl.zeros([BLOCK_C], dtype=tl.float32)
         sum_dx_y = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sum_dx = tl.zeros([BLOCK_C], dtype=tl.float32)
         for start in range(0, TOKENS, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             mask = (n < TOKENS)[:, None] & c_mask[None, :]
@@ -100,12 +114,14 @@ if TRITON_AVAILABLE:
             sum_dh_normed += tl.sum(dh * normed, axis=0)
             if HAS_RESIDUAL:
                 dx = tl.load(dx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                y = _load_y(y_ptr, y_bias_ptr, offs, c, mask, C, HAS_Y_BIAS)
                 sum_dx_y += tl.sum(dx * y, axis=0)
-        row = sums_ptr + image * 3 * C + c
+                sum_dx += tl.sum(dx, axis=0)
+        row = sums_ptr + image * 4 * C + c
         tl.store(row, sum_dh, mask=c_mask)
         tl.store(row + C, sum_dh_normed, mask=c_mask)
         tl.store(row + 2 * C, sum_dx_y, mask=c_mask)   # zeros without the residual
+        tl.store(row + 3 * C, sum_dx, mask=c_mask)
 
 # (rows per program, warps) of each pass, measured on an H200 at XL/1 shapes with benchmarks/kernels.py
 FORWARD_CONFIG = (4, 8)
@@ -127,7 +143,7 @@ def _update_dtype(y: torch.Tensor, gate: torch.Tensor) -> torch.dtype:
     return torch.promote_types(gate.dtype, y.dtype)
 
 
-def _forward(x, y, gate, weight, shift, scale, eps):
+def _forward(x, y, gate, weight, shift, scale, eps, y_bias=None):
     batch, tokens, width = _check(x, shift, scale)
     x = x.contiguous()
     if y is None:
@@ -140,9 +156,10 @@ def _forward(x, y, gate, weight, shift, scale, eps):
     rows = batch * tokens
     block_rows, warps = FORWARD_CONFIG
     _norm_modulate_fwd_kernel[(triton.cdiv(rows, block_rows),)](
-        x, x if y is None else y.contiguous(), x if gate is None else gate, out, h, weight.contiguous(),
-        shift.contiguous(), scale.contiguous(), rows, eps, TOKENS=tokens, C=width,
-        HAS_RESIDUAL=y is not None, BLOCK_R=block_rows, BLOCK_C=triton.next_power_of_2(width), num_warps=warps)
+        x, x if y is None else y.contiguous(), x if y_bias is None else y_bias.contiguous(),
+        x if gate is None else gate, out, h, weight.contiguous(), shift.contiguous(), scale.contiguous(), rows, eps,
+        TOKENS=tokens, C=width, HAS_RESIDUAL=y is not None, HAS_Y_BIAS=y_bias is not None, BLOCK_R=block_rows,
+        BLOCK_C=triton.next_power_of_2(width), num_warps=warps)
     return out, h
 
 
@@ -160,14 +177,18 @@ def _(x, weight, shift, scale, eps):
 
 @torch.library.custom_op("sfd::residual_norm_modulate", mutates_args=())
 def residual_norm_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
-                           shift: torch.Tensor, scale: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x + gate * y`` (the updated stream) and ``modulate(RMSNorm(x + gate * y), shift, scale)``; gate [B, C]."""
-    return _forward(x, y, gate, weight, shift, scale, eps)
+                           shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                           y_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x + gate * y`` (the updated stream) and ``modulate(RMSNorm(x + gate * y), shift, scale)``; gate [B, C].
+    With ``y_bias`` [C], y is a linear layer's output without its bias, and ``y + y_bias`` is used instead (the
+    bias gradient then comes from the token sums, not from a separate sum over the rows of y's gradient)."""
+    if y_bias is not None and y_bias.shape != (x.shape[-1],):
+        raise ValueError(f"y_bias must be [{x.shape[-1]}]; got {tuple(y_bias.shape)}")
+    return _forward(x, y, gate, weight, shift, scale, eps, y_bias)
 
 
 @residual_norm_modulate.register_fake
-def _(x, y, gate, weight, shift, scale, eps):
+def _(x, y, gate, weight, shift, scale, eps, y_bias=None):
     stream_dtype = torch.promote_types(x.dtype, _update_dtype(y, gate))
     return (torch.empty(x.shape, device=x.device, dtype=stream_dtype),
             torch.empty(x.shape, device=x.device, dtype=torch.promote_types(stream_dtype, scale.dtype)))
@@ -204,23 +225,25 @@ def _(dh, dout, out, y, gate, weight, scale, x_dtype, eps):
 
 @torch.library.custom_op("sfd::norm_modulate_token_sums", mutates_args=())
 def norm_modulate_token_sums(dh: torch.Tensor, out: torch.Tensor, rstd: torch.Tensor, dx: torch.Tensor | None,
-                             y: torch.Tensor | None) -> torch.Tensor:
-    """Per image, sums over tokens in fp32 -> [B, 3, C]: of dh, of dh * RMSNorm(out) (normalised, rounded to the
-    stream dtype, before the weight) and, with the residual (dx, y given), of dx * y (the gate's gradient)."""
+                             y: torch.Tensor | None, y_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per image, sums over tokens in fp32 -> [B, 4, C]: of dh, of dh * RMSNorm(out) (normalised, rounded to the
+    stream dtype, before the weight) and, with the residual (dx, y given), of dx * y (the gate's gradient; y plus
+    ``y_bias`` where given) and of dx (zeros without the residual)."""
     batch, tokens, width = out.shape
     residual = y is not None
-    sums = torch.empty(batch, 3, width, device=out.device, dtype=torch.float32)
+    sums = torch.empty(batch, 4, width, device=out.device, dtype=torch.float32)
     block_n, block_c, warps = TOKEN_SUMS_CONFIG
     _token_sums_kernel[(batch, triton.cdiv(width, block_c))](
         dh.contiguous(), out.contiguous(), rstd.contiguous(), dx.contiguous() if residual else dh,
-        y.contiguous() if residual else dh, sums, TOKENS=tokens, C=width, HAS_RESIDUAL=residual, BLOCK_N=block_n,
-        BLOCK_C=block_c, num_warps=warps)
+        y.contiguous() if residual else dh, dh if y_bias is None else y_bias.contiguous(), sums, TOKENS=tokens,
+        C=width, HAS_RESIDUAL=residual, HAS_Y_BIAS=y_bias is not None, BLOCK_N=block_n, BLOCK_C=block_c,
+        num_warps=warps)
     return sums
 
 
 @norm_modulate_token_sums.register_fake
-def _(dh, out, rstd, dx, y):
-    return out.new_empty(out.shape[0], 3, out.shape[2], dtype=torch.float32)
+def _(dh, out, rstd, dx, y, y_bias=None):
+    return out.new_empty(out.shape[0], 4, out.shape[2], dtype=torch.float32)
 
 
 def _conditioning_grads(sums, weight, scale):
@@ -248,19 +271,21 @@ def _backward_plain(ctx, dh):
 
 
 def _setup_residual(ctx, inputs, output):
-    x, y, gate, weight, shift, scale, eps = inputs
-    ctx.save_for_backward(output[0], y, gate, weight, scale)
+    x, y, gate, weight, shift, scale, eps, y_bias = inputs
+    ctx.save_for_backward(output[0], y, gate, weight, scale, y_bias)
     ctx.eps, ctx.x_dtype = eps, x.dtype
 
 
 def _backward_residual(ctx, dout, dh):
-    out, y, gate, weight, scale = ctx.saved_tensors
+    out, y, gate, weight, scale, y_bias = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dh = torch.zeros(out.shape, device=out.device, dtype=torch.promote_types(out.dtype, scale.dtype)) \
         if dh is None else dh
     dx, rstd, dy = norm_modulate_backward(dh, dout, out, y, gate, weight, scale, ctx.x_dtype, ctx.eps)
-    sums = norm_modulate_token_sums(dh, out, rstd, dx, y)
-    return dx, dy, sums[:, 2].to(gate.dtype), *_conditioning_grads(sums, weight, scale), None
+    sums = norm_modulate_token_sums(dh, out, rstd, dx, y, y_bias)
+    # d y_bias = sum over images and tokens of dy = dx gate: the per-image sums of dx, weighted by the gate
+    d_bias = None if y_bias is None else (sums[:, 3] * gate.float()).sum(0).to(y_bias.dtype)
+    return dx, dy, sums[:, 2].to(gate.dtype), *_conditioning_grads(sums, weight, scale), None, d_bias
 
 
 norm_modulate.register_autograd(_backward_plain, setup_context=_setup_plain)

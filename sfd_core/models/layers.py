@@ -40,11 +40,14 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * value``: the input of ``w3``."""
         if self.fused and kernels_run_on(x):   # w12's bias is added, and its gradient summed, in the kernel
-            return self.w3(swiglu(F.linear(x, self.w12.weight), self.w12.bias))
-        h = self.w12(x)
-        gate, value = h.chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
+            return swiglu(F.linear(x, self.w12.weight), self.w12.bias)
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return F.silu(gate) * value
 
 
 class Attention(nn.Module):
@@ -64,6 +67,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: VisionRotaryEmbeddingFast) -> torch.Tensor:
+        return self.proj(self.attend(x, rope))
+
+    def attend(self, x: torch.Tensor, rope: VisionRotaryEmbeddingFast) -> torch.Tensor:
+        """The heads' outputs [B, N, dim]: the input of ``proj``."""
         batch, tokens, dim = x.shape
         # qkv rows are ordered (3, heads, head_dim), as in the official checkpoints.
         qkv = self.qkv(x)
@@ -76,7 +83,7 @@ class Attention(nn.Module):
             q = rope(self.q_norm(q))
             k = rope(self.k_norm(k))
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return out.transpose(1, 2).reshape(batch, tokens, dim)
 
 
 class PatchEmbed(nn.Module):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sfd_core.kernels import fused_op_names, kernels_run_on
@@ -18,6 +19,27 @@ from sfd_core.models.layers import (Attention, LabelEmbedder, PatchEmbed, RMSNor
 from sfd_core.models.rope import VisionRotaryEmbeddingFast
 
 Timesteps = torch.Tensor | Sequence[torch.Tensor]
+# A sublayer's gated residual not yet added to the stream: (y, gate, bias) stands for x + gate (y + bias), y being a
+# linear layer's output before its bias. Fused blocks leave their MLP residual pending for the next adaLN norm
+# kernel, which adds it on its way through the stream (one pass instead of two) and whose token sums give the
+# gate and bias gradients (no separate reductions over the rows).
+PendingResidual = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def add_pending(x: torch.Tensor, pending: PendingResidual | None) -> torch.Tensor:
+    if pending is None:
+        return x
+    y, gate, bias = pending
+    return x + gate.unsqueeze(1) * (y + bias.to(y.dtype))
+
+
+def modulated_input(x: torch.Tensor, pending: PendingResidual | None, norm: RMSNorm, shift: torch.Tensor,
+                    scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused kernels: the stream with ``pending`` added, and ``modulate(norm(stream), shift, scale)``."""
+    if pending is None:
+        return x, norm_modulate(x, norm.weight, shift, scale, norm.eps)
+    y, gate, bias = pending
+    return residual_norm_modulate(x, y, gate, norm.weight, shift, scale, norm.eps, bias)
 
 
 class LightningDiTBlock(nn.Module):
@@ -30,17 +52,28 @@ class LightningDiTBlock(nn.Module):
         self.mlp = SwiGLU(hidden_size, int(2 / 3 * int(hidden_size * mlp_ratio)), fused="swiglu" in fused_ops)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
+    def defers_residuals(self, x: torch.Tensor) -> bool:
+        """Whether this block runs the fused path, ``forward_deferred``, for ``x``."""
+        return self.fused and kernels_run_on(x)
+
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: VisionRotaryEmbeddingFast) -> torch.Tensor:
+        if self.defers_residuals(x):
+            return add_pending(*self.forward_deferred(x, None, c, rope))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        if self.fused and kernels_run_on(x):
-            # the same sublayers with the norm, modulation and first gated residual in sfd::*norm_modulate
-            h = norm_modulate(x, self.norm1.weight, shift_msa, scale_msa, self.norm1.eps)
-            x, h = residual_norm_modulate(x, self.attn(h, rope), gate_msa, self.norm2.weight, shift_mlp, scale_mlp,
-                                          self.norm2.eps)
-            return x + gate_mlp.unsqueeze(1) * self.mlp(h)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
+
+    def forward_deferred(self, x: torch.Tensor, pending: PendingResidual | None, c: torch.Tensor,
+                         rope: VisionRotaryEmbeddingFast) -> tuple[torch.Tensor, PendingResidual]:
+        """The same sublayers through the sfd::*norm_modulate kernels: returns the stream with ``pending`` (the
+        previous block's MLP residual) and this block's attention residual added, and this block's MLP residual,
+        pending."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x, h = modulated_input(x, pending, self.norm1, shift_msa, scale_msa)
+        attention = (F.linear(self.attn.attend(h, rope), self.attn.proj.weight), gate_msa, self.attn.proj.bias)
+        x, h = modulated_input(x, attention, self.norm2, shift_mlp, scale_mlp)
+        return x, (F.linear(self.mlp.hidden(h), self.mlp.w3.weight), gate_mlp, self.mlp.w3.bias)
 
 
 class FinalLayer(nn.Module):
@@ -51,11 +84,11 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, pending: PendingResidual | None = None) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         if self.fused and kernels_run_on(x):
-            return self.linear(norm_modulate(x, self.norm_final.weight, shift, scale, self.norm_final.eps))
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+            return self.linear(modulated_input(x, pending, self.norm_final, shift, scale)[1])
+        return self.linear(modulate(self.norm_final(add_pending(x, pending)), shift, scale))
 
 
 def repa_projector(hidden_size: int, projector_dim: int, out_dim: int) -> nn.Sequential:
@@ -176,12 +209,16 @@ class LightningDiT(nn.Module):
         tokens = self.x_embedder(x) + self.pos_embed
         if self.low_precision_residual and torch.is_autocast_enabled(tokens.device.type):
             tokens = tokens.to(torch.get_autocast_dtype(tokens.device.type))
-        projection = None
+        projection, pending = None, None
         for depth, block in enumerate(self.blocks, start=1):
-            tokens = block(tokens, c, self.feat_rope)
+            if block.defers_residuals(tokens):
+                tokens, pending = block.forward_deferred(tokens, pending, c, self.feat_rope)
+            else:
+                tokens, pending = block(add_pending(tokens, pending), c, self.feat_rope), None
             if with_repa and depth == self.repa_depth:
+                tokens, pending = add_pending(tokens, pending), None
                 projection = self.repa_projector(tokens)
-        out = self.unpatchify(self.final_layer(tokens, c))
+        out = self.unpatchify(self.final_layer(tokens, c, pending))
         if self.learn_sigma:
             out = out[:, : self.in_channels]
         return out, projection

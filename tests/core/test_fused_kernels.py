@@ -191,23 +191,45 @@ def test_norm_modulate_ops_pass_opcheck():
     torch.library.opcheck(residual_norm_modulate, (x, y, gate, weight, shift, scale, 1e-6), test_utils=checks)
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_norm_modulate_token_sums_match_float64(residual):
+@pytest.mark.parametrize("residual,with_bias", [(False, False), (True, False), (True, True)])
+def test_norm_modulate_token_sums_match_float64(residual, with_bias):
     # 10 tokens x 40 columns against 32-token tiles and 64-column programs: both edges masked
     x, y, _, _, _, _ = norm_modulate_case()
     gen = torch.Generator().manual_seed(11)
     dh, dx = (torch.randn(x.shape, generator=gen) for _ in range(2))
+    bias = torch.randn(x.shape[2], generator=gen) if with_bias else None
     rstd = torch.rsqrt(x.double().square().mean(-1) + 1e-6)
-    sums = norm_module.norm_modulate_token_sums(dh, x, rstd.float(), dx if residual else None,
-                                                y if residual else None)
+    args = (dh, x, rstd.float(), dx if residual else None, y if residual else None, bias)
+    sums = norm_module.norm_modulate_token_sums(*args)
     normed = x.double() * rstd.unsqueeze(-1)
+    y_used = y.double() + (bias.double() if with_bias else 0)
+    zeros = torch.zeros(x.shape[0], x.shape[2], dtype=torch.float64)
     want = torch.stack([dh.double().sum(1), (dh.double() * normed).sum(1),
-                        (dx.double() * y.double()).sum(1) if residual else torch.zeros(x.shape[0], x.shape[2],
-                                                                                       dtype=torch.float64)], 1)
+                        (dx.double() * y_used).sum(1) if residual else zeros,
+                        dx.double().sum(1) if residual else zeros], 1)
     torch.testing.assert_close(sums.double(), want, rtol=1e-5, atol=1e-5)
-    checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(norm_module.norm_modulate_token_sums,
-                          (dh, x, rstd.float(), dx if residual else None, y if residual else None), test_utils=checks)
+    torch.library.opcheck(norm_module.norm_modulate_token_sums, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_residual_norm_modulate_with_y_bias_matches_float64():
+    # y is a linear output before its bias: the op adds the bias and returns its gradient
+    x, y, gate, shift, scale, weight = norm_modulate_case()
+    bias = torch.randn(x.shape[2], generator=torch.Generator().manual_seed(12))
+    inputs = [t.clone().requires_grad_() for t in (x, y, gate, weight, shift, scale, bias)]
+    reference_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    x_ref, y_ref, gate_ref, weight_ref, shift_ref, scale_ref, bias_ref = reference_inputs
+    fused = residual_norm_modulate(*inputs[:6], 1e-6, inputs[6])
+    reference = stock_norm_modulate(x_ref, weight_ref, shift_ref, scale_ref, y=y_ref + bias_ref, gate=gate_ref)
+    for got, want in zip(fused, reference):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    grads = [torch.randn(t.shape, generator=torch.Generator().manual_seed(13)) for t in fused]
+    torch.autograd.backward(fused, grads)
+    torch.autograd.backward(reference, [g.double() for g in grads])
+    for name, got, want in zip(("x", "y", "gate", "weight", "shift", "scale", "bias"), inputs, reference_inputs):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5, msg=name)
+    torch.library.opcheck(residual_norm_modulate, (*[t.detach().requires_grad_() for t in inputs[:6]], 1e-6,
+                                                   inputs[6].detach().requires_grad_()),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_norm_modulate_rejects_mismatched_conditioning():
