@@ -6,15 +6,18 @@ lowers to several slow kernels (profiled in benchmarks/RESULTS.md):
 - ``qkv_norm_rope``: split the fused qkv projection, QK RMSNorm + 2-D RoPE on q and k, v copied, all in the
   [B, N, H, D] layout SDPA reads; its backward writes the whole qkv gradient in one pass.
 - ``norm_modulate`` / ``residual_norm_modulate``: the adaLN sublayer input ``RMSNorm(x) (1 + scale) + shift``,
-  optionally after the previous sublayer's gated residual; the backward's row kernel writes the stream
-  gradients and leaves the token-axis sums (shift / scale / gate / norm weight) to Inductor's column reductions.
-- ``swiglu``: ``silu(gate) * value`` from the [gate | value] projection, with a one-pass backward.
+  optionally after the previous sublayer's gated residual (with that branch's linear bias); the backward's row
+  kernel writes the stream gradients, and one more pass takes the per-image token sums from which the shift,
+  scale, gate, norm-weight and branch-bias gradients follow.
+- ``swiglu``: ``silu(gate) * value`` from the [gate | value] projection (optionally adding its bias), with a
+  one-pass backward that also returns the bias gradient.
 
 ``adamw_ema`` (not a model op) is the optimizer's AdamW + EMA update in one launch, used by ``sfd_core.optim``.
 
-The ops are opaque to Inductor (one launch each way, CUDA-graph safe; only norm_modulate's token sums are
-traced). Their numerics follow the unfused modules, including the bf16 roundings between steps, so a fused
-model matches the stock one to bf16 precision. ``LightningDiT(fused_kernels=True)`` uses them on CUDA tensors
+The ops are opaque to Inductor (a launch or two each way, CUDA-graph safe). Their numerics follow the unfused
+modules, including the bf16 roundings between steps, so a fused model matches the stock one to bf16 precision
+(the bias of a linear layer is added after its product is rounded, and the gradients that come from token sums
+are summed in fp32 without the forward's intermediate roundings). ``LightningDiT(fused_kernels=True)`` uses them on CUDA tensors
 (or a subset: ``fused_kernels=["swiglu"]``, names in ``FUSED_OPS``); elsewhere it runs the stock modules. With
 ``TRITON_INTERPRET=1`` set before import, the kernels also run on CPU tensors (how the CPU tests check them).
 """
