@@ -69,6 +69,8 @@ def stock_swiglu(h, bias):
 
 # (rows per program, warps) tried for each pass of the norm_modulate kernels
 NORM_SWEEP = ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16))
+# (tokens per tile, columns per program, warps) tried for the norm backward's token sums
+TOKEN_SUMS_SWEEP = ((16, 64, 4), (32, 64, 4), (64, 64, 8), (32, 128, 4), (32, 128, 8), (16, 32, 2))
 
 
 def stock_adaln_inputs(x, attn_out, gate, norm1, norm2, shift1, scale1, shift2, scale2):
@@ -170,7 +172,8 @@ def main(argv=None) -> dict:
     sweep, swiglu_sweep, norm_sweep = [], [], []
     if args.sweep:
         defaults = (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.FORWARD_CONFIG,
-                    swiglu_module.BACKWARD_CONFIG, norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG)
+                    swiglu_module.BACKWARD_CONFIG, norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG,
+                    norm_module.TOKEN_SUMS_CONFIG)
         outs = fused_attn()
         grads = [g.contiguous() for g in attn_grads(outs)]
         mlp_grad = torch.ones(b, n, args.mlp_hidden, device=device, dtype=dtype)
@@ -208,9 +211,17 @@ def main(argv=None) -> dict:
                     device, args.reps)
                 norm_sweep.append({"pass": "backward", "config": config, "ms": bwd})
                 log(f"residual_norm_modulate backward rows (rows, warps) {config}: {bwd:.3f} ms")
+            rstd = torch.rand(b, n, device=device)
+            for config in TOKEN_SUMS_SWEEP:
+                norm_module.TOKEN_SUMS_CONFIG = config
+                sums = median_ms(lambda: norm_module.norm_modulate_token_sums(
+                    grad, stream, rstd, grad, attn_out, norm2.weight), device, args.reps)   # any [C] tensor as y bias
+                norm_sweep.append({"pass": "token sums", "config": config, "ms": sums})
+                log(f"norm_modulate token sums (tokens, cols, warps) {config}: {sums:.3f} ms")
         finally:
             (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.FORWARD_CONFIG,
-             swiglu_module.BACKWARD_CONFIG, norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG) = defaults
+             swiglu_module.BACKWARD_CONFIG, norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG,
+             norm_module.TOKEN_SUMS_CONFIG) = defaults
 
     print(f"\n### fused kernels, batch {b} x {n} tokens, hidden {h}, {heads} heads, bf16 "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})\n")

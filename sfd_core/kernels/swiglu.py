@@ -63,8 +63,9 @@ if TRITON_AVAILABLE:
             tl.store(partial, tl.sum(d_gate.to(tl.float32), axis=0), mask=f < F)
             tl.store(partial + F, tl.sum(d_value.to(tl.float32), axis=0), mask=f < F)
 
-# (rows per program, columns per program, warps), measured on an H200 at XL/1 shapes with benchmarks/kernels.py;
-# the backward's rows per program also set how many column-sum partials the bias gradient adds up
+# (rows per program, columns per program, warps). The forward's was measured best on an H200 at XL/1 shapes with
+# benchmarks/kernels.py --sweep. The backward's is not measured yet: 32 rows keep the bias partials at 1/16 of the
+# gradient's bytes (4 rows, the old kernel's best, would make them half as large as the gradient); sweep it on a GPU.
 FORWARD_CONFIG = (4, 512, 4)
 BACKWARD_CONFIG = (32, 128, 8)
 

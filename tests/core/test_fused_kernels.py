@@ -260,10 +260,13 @@ def test_fused_kernels_can_be_chosen_by_name():
         build_model("LightningDiT-tiny/1", input_size=4, fused_kernels=["flash"])
 
 
-def test_fused_tiny_model_matches_the_stock_model_and_loads_its_weights():
+# the REPA tap after the last block, or between blocks with a block's MLP residual pending into the final layer
+@pytest.mark.parametrize("depth,repa_depth", [(2, 2), (3, 1)])
+def test_fused_tiny_model_matches_the_stock_model_and_loads_its_weights(depth, repa_depth):
     torch.manual_seed(0)
-    stock = build_model("LightningDiT-tiny/1", input_size=4).to(DEVICE)
-    fused = build_model("LightningDiT-tiny/1", input_size=4, fused_kernels=True).to(DEVICE)
+    sizes = dict(input_size=4, depth=depth, repa_depth=repa_depth)
+    stock = build_model("LightningDiT-tiny/1", **sizes).to(DEVICE)
+    fused = build_model("LightningDiT-tiny/1", **sizes, fused_kernels=True).to(DEVICE)
     with torch.no_grad():
         for p in stock.parameters():
             p.normal_(0, 0.1)
