@@ -17,9 +17,10 @@ lowers to several slow kernels (profiled in benchmarks/RESULTS.md):
 The ops are opaque to Inductor (a launch or two each way, CUDA-graph safe). Their numerics follow the unfused
 modules, including the bf16 roundings between steps, so a fused model matches the stock one to bf16 precision
 (the bias of a linear layer is added after its product is rounded, and the gradients that come from token sums
-are summed in fp32 without the forward's intermediate roundings). ``LightningDiT(fused_kernels=True)`` uses them on CUDA tensors
-(or a subset: ``fused_kernels=["swiglu"]``, names in ``FUSED_OPS``); elsewhere it runs the stock modules. With
-``TRITON_INTERPRET=1`` set before import, the kernels also run on CPU tensors (how the CPU tests check them).
+are summed in fp32 without the forward's intermediate roundings). ``LightningDiT(fused_kernels=True)`` uses
+them on CUDA tensors (or a subset: ``fused_kernels=["swiglu"]``, names in ``FUSED_OPS``); elsewhere it runs the
+stock modules. With ``TRITON_INTERPRET=1`` set before import, the kernels also run on CPU tensors (how the CPU
+tests check them).
 """
 from __future__ import annotations
 
