@@ -211,10 +211,10 @@ class LightningDiT(nn.Module):
             tokens = tokens.to(torch.get_autocast_dtype(tokens.device.type))
         projection, pending = None, None
         for depth, block in enumerate(self.blocks, start=1):
-            if block.defers_residuals(tokens):
+            if block.defers_residuals(tokens):   # all blocks or none: pending is None for the stock blocks
                 tokens, pending = block.forward_deferred(tokens, pending, c, self.feat_rope)
             else:
-                tokens, pending = block(add_pending(tokens, pending), c, self.feat_rope), None
+                tokens = block(tokens, c, self.feat_rope)
             if with_repa and depth == self.repa_depth:
                 tokens, pending = add_pending(tokens, pending), None
                 projection = self.repa_projector(tokens)
