@@ -53,10 +53,11 @@ def median_ms(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def stock_qkv_norm_rope(qkv, q_norm, k_norm, rope, num_heads):
-    """Attention.forward without fused kernels, up to the SDPA inputs."""
+def stock_qkv_norm_rope(qkv, bias, q_norm, k_norm, rope, num_heads):
+    """Attention.forward without fused kernels, up to the SDPA inputs, from the qkv projection before its bias (the
+    fused op adds the bias and returns its gradient, like ``stock_swiglu``)."""
     batch, tokens, width = qkv.shape
-    q, k, v = qkv.view(batch, tokens, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = (qkv + bias).view(batch, tokens, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
     return rope(q_norm(q)), rope(k_norm(k)), v
 
 
@@ -67,6 +68,8 @@ def stock_swiglu(h, bias):
     return F.silu(gate) * value
 
 
+# (rows per block, warps, blocks per program) tried for the qkv_norm_rope backward (with the bias)
+QKV_BACKWARD_SWEEP = tuple((rows, warps, blocks) for rows in (16, 32) for warps in (2, 4) for blocks in (2, 4, 8, 16))
 # (rows per program, warps) tried for each pass of the norm_modulate kernels
 NORM_SWEEP = ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16))
 # (tokens per tile, columns per program, warps) tried for the norm backward's token sums
@@ -130,12 +133,14 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(0)
     qkv = torch.randn(b, n, 3 * h, device=device, dtype=dtype).requires_grad_()
+    qkv_bias = (0.1 * torch.randn(3 * h, device=device, dtype=dtype)).requires_grad_()
     q_norm, k_norm = RMSNorm(head_dim).to(device), RMSNorm(head_dim).to(device)
     rope = VisionRotaryEmbeddingFast(head_dim, grid).to(device)
     stock_attn = torch.compile(stock_qkv_norm_rope) if compile_stock else stock_qkv_norm_rope
 
     def fused_attn():
-        return qkv_norm_rope(qkv, q_norm.weight, k_norm.weight, rope.freqs_cos, rope.freqs_sin, heads, q_norm.eps)
+        return qkv_norm_rope(qkv, q_norm.weight, k_norm.weight, rope.freqs_cos, rope.freqs_sin, heads, q_norm.eps,
+                             qkv_bias)
 
     # SDPA hands back dq, dk, dv in the layout of its inputs: [B, N, H, D] memory seen as [B, H, N, D]
     def attn_grads(outs):
@@ -144,8 +149,8 @@ def main(argv=None) -> dict:
 
     # forward: read qkv, write q, k, v; backward: read raw q and k, dq, dk, dv, write dqkv
     qkv_bytes = (2 + 2 / 3 + 2) * qkv.numel() * item
-    rows = [timed_pair("qkv_norm_rope", lambda: stock_attn(qkv, q_norm, k_norm, rope, heads), fused_attn,
-                       [qkv, q_norm.weight, k_norm.weight], attn_grads, device, args.reps, qkv_bytes)]
+    rows = [timed_pair("qkv_norm_rope", lambda: stock_attn(qkv, qkv_bias, q_norm, k_norm, rope, heads), fused_attn,
+                       [qkv, qkv_bias, q_norm.weight, k_norm.weight], attn_grads, device, args.reps, qkv_bytes)]
 
     mlp_in = torch.randn(b, n, 2 * args.mlp_hidden, device=device, dtype=dtype).requires_grad_()
     mlp_bias = (0.1 * torch.randn(2 * args.mlp_hidden, device=device, dtype=dtype)).requires_grad_()
@@ -180,14 +185,18 @@ def main(argv=None) -> dict:
         try:
             for block_rows in (8, 16, 32, 64):
                 for warps in (2, 4, 8):
-                    qkv_module.FORWARD_CONFIG = qkv_module.BACKWARD_CONFIG = (block_rows, warps)
+                    qkv_module.FORWARD_CONFIG = (block_rows, warps)
                     with torch.no_grad():
                         fwd = median_ms(fused_attn, device, args.reps)
-                    bwd = median_ms(lambda: qkv_module.qkv_norm_rope_backward(
-                        *grads, qkv, q_norm.weight, k_norm.weight, rope.freqs_cos, rope.freqs_sin, heads,
-                        q_norm.eps), device, args.reps)
-                    sweep.append({"block_rows": block_rows, "warps": warps, "fwd_ms": fwd, "bwd_ms": bwd})
-                    log(f"qkv_norm_rope rows/program {block_rows}, warps {warps}: fwd {fwd:.3f} ms, bwd {bwd:.3f} ms")
+                    sweep.append({"pass": "forward", "config": (block_rows, warps), "ms": fwd})
+                    log(f"qkv_norm_rope forward (rows, warps) {(block_rows, warps)}: {fwd:.3f} ms")
+            for config in QKV_BACKWARD_SWEEP:
+                qkv_module.BACKWARD_CONFIG = config
+                bwd = median_ms(lambda: qkv_module.qkv_norm_rope_backward(
+                    *grads, qkv, q_norm.weight, k_norm.weight, rope.freqs_cos, rope.freqs_sin, heads, q_norm.eps,
+                    qkv_bias), device, args.reps)
+                sweep.append({"pass": "backward", "config": config, "ms": bwd})
+                log(f"qkv_norm_rope backward (rows, warps, blocks per program) {config}: {bwd:.3f} ms")
             for config in ((16, 128, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8), (32, 128, 8), (16, 256, 8)):
                 swiglu_module.FORWARD_CONFIG = swiglu_module.BACKWARD_CONFIG = config
                 with torch.no_grad():

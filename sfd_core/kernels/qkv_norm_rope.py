@@ -9,6 +9,11 @@ Backward, per row: RoPE's transpose, then RMSNorm's ``dx = r (dn - n mean(dn n))
 from qkv (cheaper than storing it), written straight into the [B, N, 3HD] qkv gradient with dv beside it; the
 norm weights' gradients are per-program partial sums reduced afterwards.
 
+With ``bias`` the projection comes without its bias (``F.linear(x, qkv.weight)``): the kernels add it (rounded to
+the activation dtype, as the linear layer's output is), and the backward returns its gradient from per-program,
+per-head column sums of the qkv gradient it writes anyway, instead of a separate reduction over all its rows.
+Each backward program walks several row blocks so that these partials stay a small fraction of the gradient.
+
 Without the kernel, Inductor lowers this to separate statistics, rotation, stacking and permute-copy kernels
 (about 30 ms of a 246 ms XL/1 step at batch 128 on an H200); the fused pair takes 12 ms (benchmarks/RESULTS.md).
 """
@@ -38,22 +43,34 @@ if TRITON_AVAILABLE:
         return tl.reshape(tl.join(odd, -even), [BLOCK_R, BLOCK_D])
 
     @triton.jit
-    def _row_block(plane, rows, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
+    def _row_block(block, plane, rows, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """This program's rows (image, token, head): offsets in qkv (src) and in [B, N, H, D] (dst), the token's
-        position in its image (pos), the column index and the mask."""
-        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        """Row block ``block`` (rows ordered image, token, head): the row indices, their offsets in qkv (src) and
+        in [B, N, H, D] (dst), the token's position in its image (pos), the column index and the mask."""
+        r = block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         d = tl.arange(0, BLOCK_D)
         mask = (r < rows)[:, None] & (d < D)[None, :]
         token = r // HEADS
         src = token * (3 * HEADS * D) + plane * (HEADS * D) + (r % HEADS) * D
-        return src, r * D, token % TOKENS, d, mask
+        return r, src, r * D, token % TOKENS, d, mask
 
     @triton.jit
-    def _norm_rope_rows(qkv_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
-                        D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        dtype = qkv_ptr.dtype.element_ty
+    def _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The rows of qkv in fp32, with the projection's bias added and rounded like a linear layer's output."""
         x = tl.load(qkv_ptr + src[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dtype = qkv_ptr.dtype.element_ty
+            # src modulo one token's 3HD values is the row's offset in the bias
+            bias = tl.load(bias_ptr + (src % (3 * HEADS * D))[:, None] + d[None, :], mask=mask, other=0.0)
+            x = (x + bias.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _norm_rope_rows(qkv_ptr, bias_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
+                        HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+        dtype = qkv_ptr.dtype.element_ty
+        x = _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS, D, HAS_BIAS)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
         w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
         # the module's RMSNorm: normalise in fp32, round, scale by the fp32 weight, round
@@ -66,25 +83,27 @@ if TRITON_AVAILABLE:
         tl.store(out_ptr + dst[:, None] + d[None, :], out.to(dtype), mask=mask)
 
     @triton.jit
-    def _qkv_norm_rope_fwd_kernel(qkv_ptr, q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, rows, eps,
-                                  HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
-                                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _qkv_norm_rope_fwd_kernel(qkv_ptr, bias_ptr, q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, rows,
+                                  eps, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
+                                  HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         plane = tl.program_id(1)   # 0 q, 1 k, 2 v
-        src, dst, pos, d, mask = _row_block(plane, rows, HEADS, TOKENS, D, BLOCK_R, BLOCK_D)
+        r, src, dst, pos, d, mask = _row_block(tl.program_id(0), plane, rows, HEADS, TOKENS, D, BLOCK_R, BLOCK_D)
         if plane == 0:
-            _norm_rope_rows(qkv_ptr, q_ptr, qw_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
-                            D, BLOCK_R, BLOCK_D)
+            _norm_rope_rows(qkv_ptr, bias_ptr, q_ptr, qw_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
+                            HEADS, D, HAS_BIAS, BLOCK_R, BLOCK_D)
         elif plane == 1:
-            _norm_rope_rows(qkv_ptr, k_ptr, kw_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
-                            D, BLOCK_R, BLOCK_D)
+            _norm_rope_rows(qkv_ptr, bias_ptr, k_ptr, kw_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
+                            HEADS, D, HAS_BIAS, BLOCK_R, BLOCK_D)
         else:
-            v = tl.load(qkv_ptr + src[:, None] + d[None, :], mask=mask)
-            tl.store(v_ptr + dst[:, None] + d[None, :], v, mask=mask)
+            v = _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS, D, HAS_BIAS)
+            tl.store(v_ptr + dst[:, None] + d[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _norm_rope_rows_backward(qkv_ptr, grad_ptr, dqkv_ptr, w_ptr, cos_ptr, sin_ptr, dw_ptr, src, dst, pos, d,
-                                 mask, eps, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        x = tl.load(qkv_ptr + src[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    def _norm_rope_rows_backward(qkv_ptr, bias_ptr, grad_ptr, w_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
+                                 HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """(d qkv rows in fp32, this block's share of d weight)."""
+        x = _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS, D, HAS_BIAS)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
         normed = x * rstd[:, None]
         trig = pos[:, None] * D + d[None, :]
@@ -96,29 +115,56 @@ if TRITON_AVAILABLE:
         w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
         dn = dy * w[None, :]
         dx = rstd[:, None] * (dn - normed * (tl.sum(dn * normed, axis=1) / D)[:, None])
-        tl.store(dqkv_ptr + src[:, None] + d[None, :], dx.to(dqkv_ptr.dtype.element_ty), mask=mask)
-        tl.store(dw_ptr + d, tl.sum(dy * normed, axis=0), mask=d < D)   # this program's share of d weight
+        return dx, tl.sum(dy * normed, axis=0)
 
     @triton.jit
-    def _qkv_norm_rope_bwd_kernel(qkv_ptr, dq_ptr, dk_ptr, dv_ptr, dqkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
-                                  dw_partial_ptr, rows, eps, HEADS: tl.constexpr, TOKENS: tl.constexpr,
-                                  D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        plane = tl.program_id(1)   # 0 q, 1 k, 2 v
-        src, dst, pos, d, mask = _row_block(plane, rows, HEADS, TOKENS, D, BLOCK_R, BLOCK_D)
-        dw_ptr = dw_partial_ptr + (plane * tl.num_programs(0) + tl.program_id(0)) * D
-        if plane == 0:
-            _norm_rope_rows_backward(qkv_ptr, dq_ptr, dqkv_ptr, qw_ptr, cos_ptr, sin_ptr, dw_ptr, src, dst, pos, d,
-                                     mask, eps, D, BLOCK_R, BLOCK_D)
-        elif plane == 1:
-            _norm_rope_rows_backward(qkv_ptr, dk_ptr, dqkv_ptr, kw_ptr, cos_ptr, sin_ptr, dw_ptr, src, dst, pos, d,
-                                     mask, eps, D, BLOCK_R, BLOCK_D)
-        else:
-            g = tl.load(dv_ptr + dst[:, None] + d[None, :], mask=mask)
-            tl.store(dqkv_ptr + src[:, None] + d[None, :], g.to(dqkv_ptr.dtype.element_ty), mask=mask)
+    def _head_column_sums(values, r, HEADS: tl.constexpr, HEADS_P2: tl.constexpr):
+        """[HEADS_P2, BLOCK_D] sums of ``values`` [BLOCK_R, BLOCK_D] over the rows of each head (row r belongs to
+        head r % HEADS), as a one-hot matmul: exact, since the one-hot factors are 0 and 1."""
+        onehot = ((r % HEADS)[None, :] == tl.arange(0, HEADS_P2)[:, None]).to(values.dtype)
+        return tl.dot(onehot, values, input_precision="ieee").to(tl.float32)
 
-# (rows per program, warps), measured on an H200 at XL/1 shapes with benchmarks/kernels.py
+    @triton.jit
+    def _qkv_norm_rope_bwd_kernel(qkv_ptr, bias_ptr, dq_ptr, dk_ptr, dv_ptr, dqkv_ptr, qw_ptr, kw_ptr, cos_ptr,
+                                  sin_ptr, dw_partial_ptr, dbias_partial_ptr, rows, eps, HEADS: tl.constexpr,
+                                  HEADS_P2: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
+                                  HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  BLOCKS: tl.constexpr):
+        plane = tl.program_id(1)   # 0 q, 1 k, 2 v
+        program = plane * tl.num_programs(0) + tl.program_id(0)
+        dtype = dqkv_ptr.dtype.element_ty
+        dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dbias = tl.zeros([HEADS_P2, BLOCK_D], dtype=tl.float32)
+        for i in range(BLOCKS):
+            block = tl.program_id(0) * BLOCKS + i
+            r, src, dst, pos, d, mask = _row_block(block, plane, rows, HEADS, TOKENS, D, BLOCK_R, BLOCK_D)
+            if plane == 0:
+                dx, dw_block = _norm_rope_rows_backward(qkv_ptr, bias_ptr, dq_ptr, qw_ptr, cos_ptr, sin_ptr, src,
+                                                        dst, pos, d, mask, eps, HEADS, D, HAS_BIAS, BLOCK_R, BLOCK_D)
+                dw += dw_block
+            elif plane == 1:
+                dx, dw_block = _norm_rope_rows_backward(qkv_ptr, bias_ptr, dk_ptr, kw_ptr, cos_ptr, sin_ptr, src,
+                                                        dst, pos, d, mask, eps, HEADS, D, HAS_BIAS, BLOCK_R, BLOCK_D)
+                dw += dw_block
+            else:
+                dx = tl.load(dv_ptr + dst[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx = dx.to(dtype)
+            tl.store(dqkv_ptr + src[:, None] + d[None, :], dx, mask=mask)
+            if HAS_BIAS:   # sums of the gradient as written (masked rows are zeros)
+                dbias += _head_column_sums(dx, r, HEADS, HEADS_P2)
+        d = tl.arange(0, BLOCK_D)
+        if plane < 2:
+            tl.store(dw_partial_ptr + program * D + d, dw, mask=d < D)
+        if HAS_BIAS:
+            h = tl.arange(0, HEADS_P2)
+            tl.store(dbias_partial_ptr + program * (HEADS * D) + h[:, None] * D + d[None, :], dbias,
+                     mask=(h < HEADS)[:, None] & (d < D)[None, :])
+
+# Forward (rows per program, warps), measured on an H200 at XL/1 shapes with benchmarks/kernels.py. Backward (rows
+# per block, warps, blocks per program): 32 / 2 measured there without the bias; 8 blocks per program keep the bias
+# partials at 1/8 of the gradient's bytes (2 H / (rows x blocks)), not measured yet.
 FORWARD_CONFIG = (16, 2)
-BACKWARD_CONFIG = (32, 2)
+BACKWARD_CONFIG = (32, 2, 8)
 
 
 def _shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
@@ -128,24 +174,39 @@ def _shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
     return batch, tokens, num_heads, width // (3 * num_heads)
 
 
+def _check_bias(qkv: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if bias is not None and bias.shape != (qkv.shape[-1],):
+        raise ValueError(f"bias must be [{qkv.shape[-1]}] like qkv's last dim; got {tuple(bias.shape)}")
+
+
+def _block_dims(head_dim: int, num_heads: int) -> dict:
+    # at least 16 wide: tl.dot's smallest operand (the bias sums)
+    return {"BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+            "HEADS_P2": max(16, triton.next_power_of_2(num_heads))}
+
+
 @torch.library.custom_op("sfd::qkv_norm_rope", mutates_args=())
 def qkv_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, num_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv [B, N, 3*H*D] (rows ordered (3, H, D)) -> RoPE(RMSNorm(q)), RoPE(RMSNorm(k)), v, each [B, N, H, D]."""
+                  sin: torch.Tensor, num_heads: int, eps: float,
+                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B, N, 3*H*D] (rows ordered (3, H, D); plus ``bias`` [3HD], if given) -> RoPE(RMSNorm(q)),
+    RoPE(RMSNorm(k)), v, each [B, N, H, D]."""
     batch, tokens, heads, head_dim = _shape(qkv, num_heads)
+    _check_bias(qkv, bias)
     qkv = qkv.contiguous()
     q, k, v = (qkv.new_empty(batch, tokens, heads, head_dim) for _ in range(3))
     rows = batch * tokens * heads
     block_rows, warps = FORWARD_CONFIG
     _qkv_norm_rope_fwd_kernel[(triton.cdiv(rows, block_rows), 3)](
-        qkv, q, k, v, q_weight.contiguous(), k_weight.contiguous(), cos.float().contiguous(),
-        sin.float().contiguous(), rows, eps, HEADS=heads, TOKENS=tokens, D=head_dim, BLOCK_R=block_rows,
-        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=warps)
+        qkv, qkv if bias is None else bias.contiguous(), q, k, v, q_weight.contiguous(), k_weight.contiguous(),
+        cos.float().contiguous(), sin.float().contiguous(), rows, eps, HEADS=heads, TOKENS=tokens, D=head_dim,
+        HAS_BIAS=bias is not None, BLOCK_R=block_rows, BLOCK_D=_block_dims(head_dim, heads)["BLOCK_D"],
+        num_warps=warps)
     return q, k, v
 
 
 @qkv_norm_rope.register_fake
-def _(qkv, q_weight, k_weight, cos, sin, num_heads, eps):
+def _(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
     batch, tokens, heads, head_dim = _shape(qkv, num_heads)
     return tuple(qkv.new_empty(batch, tokens, heads, head_dim) for _ in range(3))
 
@@ -153,41 +214,46 @@ def _(qkv, q_weight, k_weight, cos, sin, num_heads, eps):
 @torch.library.custom_op("sfd::qkv_norm_rope_backward", mutates_args=())
 def qkv_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor,
                            q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           num_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``qkv_norm_rope`` -> (d qkv [B, N, 3HD], d q_weight [D], d k_weight [D])."""
+                           num_heads: int, eps: float, bias: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Gradients of ``qkv_norm_rope`` -> [d qkv [B, N, 3HD], d q_weight [D], d k_weight [D]] and, with ``bias``,
+    d bias [3HD] (in bias's dtype) after them."""
     batch, tokens, heads, head_dim = _shape(qkv, num_heads)
+    _check_bias(qkv, bias)
     qkv = qkv.contiguous()
     dqkv = torch.empty_like(qkv)
     rows = batch * tokens * heads
-    block_rows, warps = BACKWARD_CONFIG
-    programs = triton.cdiv(rows, block_rows)
+    block_rows, warps, blocks = BACKWARD_CONFIG
+    programs = triton.cdiv(rows, block_rows * blocks)
     dw_partial = torch.empty(2, programs, head_dim, device=qkv.device, dtype=torch.float32)
+    dbias_partial = torch.empty(3, programs, heads * head_dim if bias is not None else 0, device=qkv.device,
+                                dtype=torch.float32)
     _qkv_norm_rope_bwd_kernel[(programs, 3)](
-        qkv, dq.contiguous(), dk.contiguous(), dv.contiguous(), dqkv, q_weight.contiguous(), k_weight.contiguous(),
-        cos.float().contiguous(), sin.float().contiguous(), dw_partial, rows, eps, HEADS=heads, TOKENS=tokens,
-        D=head_dim, BLOCK_R=block_rows, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=warps)
-    dq_weight, dk_weight = (dw_partial[i].sum(0).to(w.dtype) for i, w in enumerate((q_weight, k_weight)))
-    return dqkv, dq_weight, dk_weight
+        qkv, qkv if bias is None else bias.contiguous(), dq.contiguous(), dk.contiguous(), dv.contiguous(), dqkv,
+        q_weight.contiguous(), k_weight.contiguous(), cos.float().contiguous(), sin.float().contiguous(),
+        dw_partial, dbias_partial, rows, eps, HEADS=heads, TOKENS=tokens, D=head_dim, HAS_BIAS=bias is not None,
+        BLOCK_R=block_rows, BLOCKS=blocks, num_warps=warps, **_block_dims(head_dim, heads))
+    grads = [dqkv] + [dw_partial[i].sum(0).to(w.dtype) for i, w in enumerate((q_weight, k_weight))]
+    return grads if bias is None else grads + [dbias_partial.sum(1).flatten().to(bias.dtype)]
 
 
 @qkv_norm_rope_backward.register_fake
-def _(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps):
-    return torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)
+def _(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
+    grads = [torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)]
+    return grads if bias is None else grads + [torch.empty_like(bias)]
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, q_weight, k_weight, cos, sin, num_heads, eps = inputs
-    ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin)
+    qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias = inputs
+    ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin, bias)
     ctx.num_heads, ctx.eps = num_heads, eps
 
 
 def _backward(ctx, dq, dk, dv):
-    qkv, q_weight, k_weight, cos, sin = ctx.saved_tensors
+    qkv, q_weight, k_weight, cos, sin, bias = ctx.saved_tensors
     shape = _shape(qkv, ctx.num_heads)
     dq, dk, dv = (g if g is not None else qkv.new_zeros(shape) for g in (dq, dk, dv))
-    dqkv, dq_weight, dk_weight = qkv_norm_rope_backward(dq, dk, dv, qkv, q_weight, k_weight, cos, sin,
-                                                        ctx.num_heads, ctx.eps)
-    return dqkv, dq_weight, dk_weight, None, None, None, None
+    grads = qkv_norm_rope_backward(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, ctx.num_heads, ctx.eps, bias)
+    return *grads[:3], None, None, None, None, (grads[3] if bias is not None else None)
 
 
 qkv_norm_rope.register_autograd(_backward, setup_context=_setup_context)

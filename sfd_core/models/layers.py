@@ -73,12 +73,12 @@ class Attention(nn.Module):
         """The heads' outputs [B, N, dim]: the input of ``proj``."""
         batch, tokens, dim = x.shape
         # qkv rows are ordered (3, heads, head_dim), as in the official checkpoints.
-        qkv = self.qkv(x)
-        if self.fused and kernels_run_on(qkv):
+        if self.fused and kernels_run_on(x):   # qkv's bias is added, and its gradient summed, in the kernel
             q, k, v = (t.transpose(1, 2) for t in qkv_norm_rope(
-                qkv, self.q_norm.weight, self.k_norm.weight, rope.freqs_cos, rope.freqs_sin, self.num_heads,
-                self.q_norm.eps))
+                F.linear(x, self.qkv.weight), self.q_norm.weight, self.k_norm.weight, rope.freqs_cos, rope.freqs_sin,
+                self.num_heads, self.q_norm.eps, self.qkv.bias))
         else:
+            qkv = self.qkv(x)
             q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q = rope(self.q_norm(q))
             k = rope(self.k_norm(k))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from sfd_core.kernels import kernels_run_on
 from sfd_core.kernels import norm_modulate as norm_module
 from sfd_core.kernels.norm_modulate import norm_modulate, residual_norm_modulate
+from sfd_core.kernels import qkv_norm_rope as qkv_module
 from sfd_core.kernels.qkv_norm_rope import qkv_norm_rope
 from sfd_core.kernels.swiglu import swiglu
 from sfd_core.models import build_model
@@ -72,6 +73,21 @@ def test_qkv_norm_rope_matches_float64_forward_and_backward(head_dim):
     assert_backward_matches(fused, reference, inputs, reference_inputs, seed=1, tol=1e-4)
 
 
+@pytest.mark.parametrize("backward_config", [(32, 2, 8), (16, 2, 4)])   # one program; two, the last half empty
+def test_qkv_norm_rope_with_bias_matches_float64_and_returns_the_bias_gradient(monkeypatch, backward_config):
+    monkeypatch.setattr(qkv_module, "BACKWARD_CONFIG", backward_config)
+    qkv, q_weight, k_weight, rope, heads = qkv_case(24)   # 2 x 16 tokens x 3 heads = 96 rows
+    bias = (torch.randn(qkv.shape[-1], generator=torch.Generator().manual_seed(3)) * 0.5).to(DEVICE)
+    inputs = [t.detach().requires_grad_() for t in (qkv, q_weight, k_weight, bias)]
+    fused = qkv_norm_rope(*inputs[:3], rope.freqs_cos, rope.freqs_sin, heads, 1e-6, inputs[3])
+    reference_inputs = [t.detach().double().requires_grad_() for t in (qkv, q_weight, k_weight, bias)]
+    qkv64, q64, k64, bias64 = reference_inputs
+    reference = stock_qkv_norm_rope(qkv64 + bias64, q64, k64, rope.double(), heads)
+    for got, want in zip(fused, reference):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    assert_backward_matches(fused, reference, inputs, reference_inputs, seed=4, tol=1e-4)
+
+
 def test_qkv_norm_rope_in_bf16_rounds_like_the_stock_modules():
     qkv, q_weight, k_weight, rope, heads = qkv_case(24, dtype=torch.bfloat16)
     fused = qkv_norm_rope(qkv, q_weight, k_weight, rope.freqs_cos, rope.freqs_sin, heads, 1e-6)
@@ -80,12 +96,20 @@ def test_qkv_norm_rope_in_bf16_rounds_like_the_stock_modules():
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want.float(), **BF16_TOLERANCE)
     torch.testing.assert_close(fused[2], stock[2], rtol=0, atol=0)
+    # with the bias: rounded to bf16 and added to the rounded product, like a bf16 linear layer's output
+    bias = torch.randn(qkv.shape[-1], generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    fused = qkv_norm_rope(qkv, q_weight, k_weight, rope.freqs_cos, rope.freqs_sin, heads, 1e-6, bias)
+    stock = stock_qkv_norm_rope(qkv + bias.to(qkv.dtype), q_weight, k_weight, rope, heads)
+    for got, want in zip(fused, stock):
+        torch.testing.assert_close(got.float(), want.float(), **BF16_TOLERANCE)
 
 
-def test_qkv_norm_rope_passes_opcheck():
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_qkv_norm_rope_passes_opcheck(with_bias):
     qkv, q_weight, k_weight, rope, heads = qkv_case(8, batch=1)
+    bias = torch.randn(qkv.shape[-1], device=DEVICE).requires_grad_() if with_bias else None
     args = (qkv.requires_grad_(), q_weight.requires_grad_(), k_weight.requires_grad_(), rope.freqs_cos,
-            rope.freqs_sin, heads, 1e-6)
+            rope.freqs_sin, heads, 1e-6, bias)
     torch.library.opcheck(qkv_norm_rope, args, test_utils=("test_schema", "test_autograd_registration",
                                                            "test_faketensor"))
 
