@@ -7,7 +7,7 @@ interleaved-pair rotation ``y cos + rot(y) sin`` (``sfd_core.models.rope``); v i
 
 Backward, per row: RoPE's transpose, then RMSNorm's ``dx = r (dn - n mean(dn n))`` with ``n = x r`` recomputed
 from qkv (cheaper than storing it), written straight into the [B, N, 3HD] qkv gradient with dv beside it; the
-norm weights' gradients are per-program partial sums reduced afterwards.
+norm weights' gradients are per-program partial sums, reduced by the autograd formula (traced by Inductor).
 
 With ``bias`` the projection comes without its bias (``F.linear(x, qkv.weight)``): the kernels add it (rounded to
 the activation dtype, as the linear layer's output is), and the backward returns its gradient from per-program,
@@ -126,12 +126,11 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _qkv_norm_rope_bwd_kernel(qkv_ptr, bias_ptr, dq_ptr, dk_ptr, dv_ptr, dqkv_ptr, qw_ptr, kw_ptr, cos_ptr,
-                                  sin_ptr, dw_partial_ptr, dbias_partial_ptr, rows, eps, HEADS: tl.constexpr,
+                                  sin_ptr, partial_ptr, rows, eps, HEADS: tl.constexpr,
                                   HEADS_P2: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
                                   HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                                   BLOCKS: tl.constexpr):
         plane = tl.program_id(1)   # 0 q, 1 k, 2 v
-        program = plane * tl.num_programs(0) + tl.program_id(0)
         dtype = dqkv_ptr.dtype.element_ty
         dw = tl.zeros([BLOCK_D], dtype=tl.float32)
         dbias = tl.zeros([HEADS_P2, BLOCK_D], dtype=tl.float32)
@@ -152,12 +151,15 @@ if TRITON_AVAILABLE:
             tl.store(dqkv_ptr + src[:, None] + d[None, :], dx, mask=mask)
             if HAS_BIAS:   # sums of the gradient as written (masked rows are zeros)
                 dbias += _head_column_sums(dx, r, HEADS, HEADS_P2)
+        # this program's row of partials: [bias (3HD, with the bias) | q weight (D) | k weight (D)]
         d = tl.arange(0, BLOCK_D)
+        bias_width: tl.constexpr = 3 * HEADS * D if HAS_BIAS else 0
+        partial_ptr += tl.program_id(0).to(tl.int64) * (bias_width + 2 * D)
         if plane < 2:
-            tl.store(dw_partial_ptr + program * D + d, dw, mask=d < D)
+            tl.store(partial_ptr + bias_width + plane * D + d, dw, mask=d < D)
         if HAS_BIAS:
             h = tl.arange(0, HEADS_P2)
-            tl.store(dbias_partial_ptr + program * (HEADS * D) + h[:, None] * D + d[None, :], dbias,
+            tl.store(partial_ptr + plane * (HEADS * D) + h[:, None] * D + d[None, :], dbias,
                      mask=(h < HEADS)[:, None] & (d < D)[None, :])
 
 # Forward (rows per program, warps), measured on an H200 at XL/1 shapes with benchmarks/kernels.py. Backward (rows
@@ -214,9 +216,11 @@ def _(qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
 @torch.library.custom_op("sfd::qkv_norm_rope_backward", mutates_args=())
 def qkv_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor,
                            q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           num_heads: int, eps: float, bias: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Gradients of ``qkv_norm_rope`` -> [d qkv [B, N, 3HD], d q_weight [D], d k_weight [D]] and, with ``bias``,
-    d bias [3HD] (in bias's dtype) after them."""
+                           num_heads: int, eps: float,
+                           bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (d qkv [B, N, 3HD], per-program partial sums [programs, 3HD + 2D]: each row holds d bias (with
+    ``bias``), then d q_weight and d k_weight). The caller sums the partials over programs, where Inductor can
+    fuse that sum with the casts to the parameters' dtypes."""
     batch, tokens, heads, head_dim = _shape(qkv, num_heads)
     _check_bias(qkv, bias)
     qkv = qkv.contiguous()
@@ -224,22 +228,23 @@ def qkv_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     rows = batch * tokens * heads
     block_rows, warps, blocks = BACKWARD_CONFIG
     programs = triton.cdiv(rows, block_rows * blocks)
-    dw_partial = torch.empty(2, programs, head_dim, device=qkv.device, dtype=torch.float32)
-    dbias_partial = torch.empty(3, programs, heads * head_dim if bias is not None else 0, device=qkv.device,
-                                dtype=torch.float32)
+    width = (3 * heads * head_dim if bias is not None else 0) + 2 * head_dim
+    partials = torch.empty(programs, width, device=qkv.device, dtype=torch.float32)
     _qkv_norm_rope_bwd_kernel[(programs, 3)](
         qkv, qkv if bias is None else bias.contiguous(), dq.contiguous(), dk.contiguous(), dv.contiguous(), dqkv,
         q_weight.contiguous(), k_weight.contiguous(), cos.float().contiguous(), sin.float().contiguous(),
-        dw_partial, dbias_partial, rows, eps, HEADS=heads, TOKENS=tokens, D=head_dim, HAS_BIAS=bias is not None,
+        partials, rows, eps, HEADS=heads, TOKENS=tokens, D=head_dim, HAS_BIAS=bias is not None,
         BLOCK_R=block_rows, BLOCKS=blocks, num_warps=warps, **_block_dims(head_dim, heads))
-    grads = [dqkv] + [dw_partial[i].sum(0).to(w.dtype) for i, w in enumerate((q_weight, k_weight))]
-    return grads if bias is None else grads + [dbias_partial.sum(1).flatten().to(bias.dtype)]
+    return dqkv, partials
 
 
 @qkv_norm_rope_backward.register_fake
 def _(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
-    grads = [torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)]
-    return grads if bias is None else grads + [torch.empty_like(bias)]
+    batch, tokens, heads, head_dim = _shape(qkv, num_heads)
+    block_rows, _, blocks = BACKWARD_CONFIG
+    width = (3 * heads * head_dim if bias is not None else 0) + 2 * head_dim
+    return torch.empty_like(qkv), qkv.new_empty(triton.cdiv(batch * tokens * heads, block_rows * blocks), width,
+                                                dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -252,8 +257,12 @@ def _backward(ctx, dq, dk, dv):
     qkv, q_weight, k_weight, cos, sin, bias = ctx.saved_tensors
     shape = _shape(qkv, ctx.num_heads)
     dq, dk, dv = (g if g is not None else qkv.new_zeros(shape) for g in (dq, dk, dv))
-    grads = qkv_norm_rope_backward(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, ctx.num_heads, ctx.eps, bias)
-    return *grads[:3], None, None, None, None, (grads[3] if bias is not None else None)
+    dqkv, partials = qkv_norm_rope_backward(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, ctx.num_heads, ctx.eps,
+                                            bias)
+    sums = partials.sum(0)
+    dbias, dq_weight, dk_weight = sums.split([sums.numel() - 2 * shape[3], shape[3], shape[3]])
+    return (dqkv, dq_weight.to(q_weight.dtype), dk_weight.to(k_weight.dtype), None, None, None, None,
+            dbias.to(bias.dtype) if bias is not None else None)
 
 
 qkv_norm_rope.register_autograd(_backward, setup_context=_setup_context)

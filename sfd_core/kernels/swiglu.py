@@ -100,8 +100,10 @@ def _(h, bias=None):
 
 
 @torch.library.custom_op("sfd::swiglu_backward", mutates_args=())
-def swiglu_backward(grad: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None) -> list[torch.Tensor]:
-    """[d h] and, with ``bias``, [d h, d bias] (d bias in bias's dtype)."""
+def swiglu_backward(grad: torch.Tensor, h: torch.Tensor,
+                    bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (d h, per-program partial sums of d h over rows [programs, 2F], empty without ``bias``). The caller sums
+    the partials, where Inductor can fuse that sum with the cast to the bias's dtype."""
     hidden = _check(h, bias)
     h = h.contiguous()
     dh = torch.empty_like(h)
@@ -112,12 +114,14 @@ def swiglu_backward(grad: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | No
     _swiglu_bwd_kernel[grid](grad.contiguous(), h, h if bias is None else bias.contiguous(), dh, partials, rows,
                              F=hidden, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_F=block_f,
                              num_warps=warps)
-    return [dh] if bias is None else [dh, partials.sum(0).to(bias.dtype)]
+    return dh, partials
 
 
 @swiglu_backward.register_fake
 def _(grad, h, bias):
-    return [torch.empty_like(h)] + ([torch.empty_like(bias)] if bias is not None else [])
+    rows = h.numel() // h.shape[-1]
+    return torch.empty_like(h), h.new_empty(triton.cdiv(rows, BACKWARD_CONFIG[0]) if bias is not None else 0,
+                                            h.shape[-1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -126,8 +130,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     h, bias = ctx.saved_tensors
-    grads = swiglu_backward(grad, h, bias)
-    return grads[0], (grads[1] if bias is not None else None)
+    dh, partials = swiglu_backward(grad, h, bias)
+    return dh, (partials.sum(0).to(bias.dtype) if bias is not None else None)
 
 
 swiglu.register_autograd(_backward, setup_context=_setup_context)
