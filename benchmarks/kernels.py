@@ -68,8 +68,10 @@ def stock_swiglu(h, bias):
     return F.silu(gate) * value
 
 
-# (rows per block, warps, blocks per program) tried for the qkv_norm_rope backward (with the bias)
-QKV_BACKWARD_SWEEP = tuple((rows, warps, blocks) for rows in (16, 32) for warps in (2, 4) for blocks in (2, 4, 8, 16))
+# qkv_norm_rope launches tried (with the bias): forward (tokens per program, warps), backward (tokens per tile, warps,
+# tiles per program)
+QKV_FORWARD_SWEEP = tuple((tokens, warps) for tokens in (1, 2, 4) for warps in (1, 2, 4, 8))
+QKV_BACKWARD_SWEEP = tuple((tokens, warps, tiles) for tokens in (1, 2) for warps in (2, 4) for tiles in (2, 4, 8, 16))
 # (rows per program, warps) tried for each pass of the norm_modulate kernels
 NORM_SWEEP = ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16))
 # (tokens per tile, columns per program, warps) tried for the norm backward's token sums
@@ -183,20 +185,19 @@ def main(argv=None) -> dict:
         grads = [g.contiguous() for g in attn_grads(outs)]
         mlp_grad = torch.ones(b, n, args.mlp_hidden, device=device, dtype=dtype)
         try:
-            for block_rows in (8, 16, 32, 64):
-                for warps in (2, 4, 8):
-                    qkv_module.FORWARD_CONFIG = (block_rows, warps)
-                    with torch.no_grad():
-                        fwd = median_ms(fused_attn, device, args.reps)
-                    sweep.append({"pass": "forward", "config": (block_rows, warps), "ms": fwd})
-                    log(f"qkv_norm_rope forward (rows, warps) {(block_rows, warps)}: {fwd:.3f} ms")
+            for config in QKV_FORWARD_SWEEP:
+                qkv_module.FORWARD_CONFIG = config
+                with torch.no_grad():
+                    fwd = median_ms(fused_attn, device, args.reps)
+                sweep.append({"pass": "forward", "config": config, "ms": fwd})
+                log(f"qkv_norm_rope forward (tokens, warps) {config}: {fwd:.3f} ms")
             for config in QKV_BACKWARD_SWEEP:
                 qkv_module.BACKWARD_CONFIG = config
                 bwd = median_ms(lambda: qkv_module.qkv_norm_rope_backward(
                     *grads, qkv, q_norm.weight, k_norm.weight, rope.freqs_cos, rope.freqs_sin, heads, q_norm.eps,
                     qkv_bias), device, args.reps)
                 sweep.append({"pass": "backward", "config": config, "ms": bwd})
-                log(f"qkv_norm_rope backward (rows, warps, blocks per program) {config}: {bwd:.3f} ms")
+                log(f"qkv_norm_rope backward (tokens, warps, tiles per program) {config}: {bwd:.3f} ms")
             for config in ((16, 128, 4), (8, 256, 4), (4, 512, 4), (8, 512, 8), (32, 128, 8), (16, 256, 8)):
                 swiglu_module.FORWARD_CONFIG = swiglu_module.BACKWARD_CONFIG = config
                 with torch.no_grad():

@@ -366,7 +366,7 @@ def parse_args(argv=None):
     parser.add_argument("--kernels", default="stock", help=f"training kernels, comma list of {sorted(KERNELS)}")
     parser.add_argument("--update", default="fused", help=f"AdamW + EMA update, comma list of {list(UPDATES)}")
     parser.add_argument("--weights", default="fp32", help=f"model weights in training, comma list of {list(WEIGHTS)}")
-    parser.add_argument("--qkv-config", default=None, metavar="FWD_ROWS,FWD_WARPS,BWD_ROWS,BWD_WARPS,BWD_BLOCKS",
+    parser.add_argument("--qkv-config", default=None, metavar="FWD_TOKENS,FWD_WARPS,BWD_TOKENS,BWD_WARPS,BWD_TILES",
                         help="launch configuration of the fused qkv_norm_rope kernels (see benchmarks/kernels.py)")
     parser.add_argument("--swiglu-config", default=None, metavar="ROWS,COLS,WARPS,ROWS,COLS,WARPS",
                         help="launch configuration of the fused swiglu kernels (forward, then backward)")

@@ -12,7 +12,7 @@ norm weights' gradients are per-program partial sums, reduced by the autograd fo
 With ``bias`` the projection comes without its bias (``F.linear(x, qkv.weight)``): the kernels add it (rounded to
 the activation dtype, as the linear layer's output is), and the backward returns its gradient from per-program,
 per-head column sums of the qkv gradient it writes anyway, instead of a separate reduction over all its rows.
-Each backward program walks several row blocks so that these partials stay a small fraction of the gradient.
+Each backward program walks several token tiles so that these partials stay a small fraction of the gradient.
 
 Without the kernel, Inductor lowers this to separate statistics, rotation, stacking and permute-copy kernels
 (about 30 ms of a 246 ms XL/1 step at batch 128 on an H200); the fused pair takes 12 ms (benchmarks/RESULTS.md).
@@ -27,130 +27,130 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    # Rows are loaded whole (coalesced, D padded to a power of two); RoPE's pair rotation is a register
-    # reshape [R, D/2, 2] -> split -> join. (Loading even and odd halves with stride 2 instead measured 10x slower.)
+    # A program's tile is [tokens, heads, D] of one plane (q, k or v): contiguous in qkv and in the outputs, the
+    # RoPE tables loaded once per token (not per head), the bias gradient a sum over the token axis alone. D and
+    # the heads are padded to powers of two. RoPE's pair rotation is a register reshape [..., D/2, 2] -> split ->
+    # join. (Loading even and odd halves with stride 2 instead measured 10x slower.)
 
     @triton.jit
-    def _rotate_pairs(y, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rotate_pairs(y, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         # (y0, y1, y2, y3, ...) -> (-y1, y0, -y3, y2, ...)
-        even, odd = tl.split(tl.reshape(y, [BLOCK_R, BLOCK_D // 2, 2]))
-        return tl.reshape(tl.join(-odd, even), [BLOCK_R, BLOCK_D])
+        even, odd = tl.split(tl.reshape(y, [BLOCK_T, BLOCK_H, BLOCK_D // 2, 2]))
+        return tl.reshape(tl.join(-odd, even), [BLOCK_T, BLOCK_H, BLOCK_D])
 
     @triton.jit
-    def _rotate_pairs_transposed(g, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rotate_pairs_transposed(g, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         # the transpose of _rotate_pairs: (g0, g1, g2, g3, ...) -> (g1, -g0, g3, -g2, ...)
-        even, odd = tl.split(tl.reshape(g, [BLOCK_R, BLOCK_D // 2, 2]))
-        return tl.reshape(tl.join(odd, -even), [BLOCK_R, BLOCK_D])
+        even, odd = tl.split(tl.reshape(g, [BLOCK_T, BLOCK_H, BLOCK_D // 2, 2]))
+        return tl.reshape(tl.join(odd, -even), [BLOCK_T, BLOCK_H, BLOCK_D])
 
     @triton.jit
-    def _row_block(block, plane, rows, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Row block ``block`` (rows ordered image, token, head): the row indices, their offsets in qkv (src) and
-        in [B, N, H, D] (dst), the token's position in its image (pos), the column index and the mask."""
-        r = block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    def _tile(block, plane, tokens, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Token block ``block`` of ``plane``: offsets [T, H, D] in qkv (src) and in [B, N, H, D] (dst), offsets
+        [T, 1, D] in the RoPE tables (trig), the column index [D] and the masks of the tile and of trig."""
+        t = (block.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T))[:, None, None]
+        h = tl.arange(0, BLOCK_H)[None, :, None]
         d = tl.arange(0, BLOCK_D)
-        mask = (r < rows)[:, None] & (d < D)[None, :]
-        token = r // HEADS
-        src = token * (3 * HEADS * D) + plane * (HEADS * D) + (r % HEADS) * D
-        return r, src, r * D, token % TOKENS, d, mask
+        trig_mask = (t < tokens) & (d < D)[None, None, :]
+        mask = trig_mask & (h < HEADS)
+        head_offset = h * D + d[None, None, :]
+        src = t * (3 * HEADS * D) + plane * (HEADS * D) + head_offset
+        return src, t * (HEADS * D) + head_offset, (t % TOKENS) * D + d[None, None, :], d, mask, trig_mask
 
     @triton.jit
-    def _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """The rows of qkv in fp32, with the projection's bias added and rounded like a linear layer's output."""
-        x = tl.load(qkv_ptr + src[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    def _load_tile(qkv_ptr, bias_ptr, src, plane, d, mask, HEADS: tl.constexpr, D: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr):
+        """The tile of qkv in fp32, with the projection's bias added and rounded like a linear layer's output."""
+        x = tl.load(qkv_ptr + src, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dtype = qkv_ptr.dtype.element_ty
-            # src modulo one token's 3HD values is the row's offset in the bias
-            bias = tl.load(bias_ptr + (src % (3 * HEADS * D))[:, None] + d[None, :], mask=mask, other=0.0)
-            x = (x + bias.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            h = tl.arange(0, BLOCK_H)[:, None]
+            bias = tl.load(bias_ptr + plane * (HEADS * D) + h * D + d[None, :], mask=(h < HEADS) & (d < D)[None, :],
+                           other=0.0)
+            x = (x + bias.to(dtype).to(tl.float32)[None, :, :]).to(dtype).to(tl.float32)
         return x
 
     @triton.jit
-    def _norm_rope_rows(qkv_ptr, bias_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
-                        HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+    def _norm_rope_tile(qkv_ptr, bias_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, plane, src, dst, trig, d, mask,
+                        trig_mask, eps, HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         dtype = qkv_ptr.dtype.element_ty
-        x = _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS, D, HAS_BIAS)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        x = _load_tile(qkv_ptr, bias_ptr, src, plane, d, mask, HEADS, D, HAS_BIAS, BLOCK_H)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=2) / D + eps)[:, :, None]
+        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, None, :]
         # the module's RMSNorm: normalise in fp32, round, scale by the fp32 weight, round
-        normed = (x * rstd[:, None]).to(dtype).to(tl.float32)
-        y = (normed * w[None, :]).to(dtype).to(tl.float32)
-        trig = pos[:, None] * D + d[None, :]
-        cos = tl.load(cos_ptr + trig, mask=mask, other=0.0)
-        sin = tl.load(sin_ptr + trig, mask=mask, other=0.0)
-        out = y * cos + _rotate_pairs(y, BLOCK_R, BLOCK_D) * sin
-        tl.store(out_ptr + dst[:, None] + d[None, :], out.to(dtype), mask=mask)
+        normed = (x * rstd).to(dtype).to(tl.float32)
+        y = (normed * w).to(dtype).to(tl.float32)
+        cos = tl.load(cos_ptr + trig, mask=trig_mask, other=0.0)
+        sin = tl.load(sin_ptr + trig, mask=trig_mask, other=0.0)
+        out = y * cos + _rotate_pairs(y, BLOCK_T, BLOCK_H, BLOCK_D) * sin
+        tl.store(out_ptr + dst, out.to(dtype), mask=mask)
 
     @triton.jit
-    def _qkv_norm_rope_fwd_kernel(qkv_ptr, bias_ptr, q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, rows,
+    def _qkv_norm_rope_fwd_kernel(qkv_ptr, bias_ptr, q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, tokens,
                                   eps, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
-                                  HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                                  HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                                  BLOCK_D: tl.constexpr):
         plane = tl.program_id(1)   # 0 q, 1 k, 2 v
-        r, src, dst, pos, d, mask = _row_block(tl.program_id(0), plane, rows, HEADS, TOKENS, D, BLOCK_R, BLOCK_D)
+        src, dst, trig, d, mask, trig_mask = _tile(tl.program_id(0), plane, tokens, HEADS, TOKENS, D, BLOCK_T,
+                                                   BLOCK_H, BLOCK_D)
         if plane == 0:
-            _norm_rope_rows(qkv_ptr, bias_ptr, q_ptr, qw_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
-                            HEADS, D, HAS_BIAS, BLOCK_R, BLOCK_D)
+            _norm_rope_tile(qkv_ptr, bias_ptr, q_ptr, qw_ptr, cos_ptr, sin_ptr, plane, src, dst, trig, d, mask,
+                            trig_mask, eps, HEADS, D, HAS_BIAS, BLOCK_T, BLOCK_H, BLOCK_D)
         elif plane == 1:
-            _norm_rope_rows(qkv_ptr, bias_ptr, k_ptr, kw_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
-                            HEADS, D, HAS_BIAS, BLOCK_R, BLOCK_D)
+            _norm_rope_tile(qkv_ptr, bias_ptr, k_ptr, kw_ptr, cos_ptr, sin_ptr, plane, src, dst, trig, d, mask,
+                            trig_mask, eps, HEADS, D, HAS_BIAS, BLOCK_T, BLOCK_H, BLOCK_D)
         else:
-            v = _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS, D, HAS_BIAS)
-            tl.store(v_ptr + dst[:, None] + d[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
+            v = _load_tile(qkv_ptr, bias_ptr, src, plane, d, mask, HEADS, D, HAS_BIAS, BLOCK_H)
+            tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _norm_rope_rows_backward(qkv_ptr, bias_ptr, grad_ptr, w_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
-                                 HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """(d qkv rows in fp32, this block's share of d weight)."""
-        x = _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS, D, HAS_BIAS)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-        normed = x * rstd[:, None]
-        trig = pos[:, None] * D + d[None, :]
-        cos = tl.load(cos_ptr + trig, mask=mask, other=0.0)
-        sin = tl.load(sin_ptr + trig, mask=mask, other=0.0)
-        g = tl.load(grad_ptr + dst[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    def _norm_rope_tile_backward(qkv_ptr, bias_ptr, grad_ptr, w_ptr, cos_ptr, sin_ptr, plane, src, dst, trig, d,
+                                 mask, trig_mask, eps, HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        """(d qkv tile in fp32, this tile's share of d weight [D])."""
+        x = _load_tile(qkv_ptr, bias_ptr, src, plane, d, mask, HEADS, D, HAS_BIAS, BLOCK_H)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=2) / D + eps)[:, :, None]
+        normed = x * rstd
+        cos = tl.load(cos_ptr + trig, mask=trig_mask, other=0.0)
+        sin = tl.load(sin_ptr + trig, mask=trig_mask, other=0.0)
+        g = tl.load(grad_ptr + dst, mask=mask, other=0.0).to(tl.float32)
         # RoPE transposed, then RMSNorm backward: dx = r (dn - n mean(dn n)), dn = dy w
-        dy = g * cos + _rotate_pairs_transposed(g * sin, BLOCK_R, BLOCK_D)
-        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-        dn = dy * w[None, :]
-        dx = rstd[:, None] * (dn - normed * (tl.sum(dn * normed, axis=1) / D)[:, None])
-        return dx, tl.sum(dy * normed, axis=0)
-
-    @triton.jit
-    def _head_column_sums(values, r, HEADS: tl.constexpr, HEADS_P2: tl.constexpr):
-        """[HEADS_P2, BLOCK_D] sums of ``values`` [BLOCK_R, BLOCK_D] over the rows of each head (row r belongs to
-        head r % HEADS), as a one-hot matmul: exact, since the one-hot factors are 0 and 1."""
-        onehot = ((r % HEADS)[None, :] == tl.arange(0, HEADS_P2)[:, None]).to(values.dtype)
-        return tl.dot(onehot, values, input_precision="ieee").to(tl.float32)
+        dy = g * cos + _rotate_pairs_transposed(g * sin, BLOCK_T, BLOCK_H, BLOCK_D)
+        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, None, :]
+        dn = dy * w
+        dx = rstd * (dn - normed * (tl.sum(dn * normed, axis=2) / D)[:, :, None])
+        return dx, tl.sum(tl.sum(dy * normed, axis=0), axis=0)
 
     @triton.jit
     def _qkv_norm_rope_bwd_kernel(qkv_ptr, bias_ptr, dq_ptr, dk_ptr, dv_ptr, dqkv_ptr, qw_ptr, kw_ptr, cos_ptr,
-                                  sin_ptr, partial_ptr, rows, eps, HEADS: tl.constexpr,
-                                  HEADS_P2: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
-                                  HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                                  BLOCKS: tl.constexpr):
+                                  sin_ptr, partial_ptr, tokens, eps, HEADS: tl.constexpr, TOKENS: tl.constexpr,
+                                  D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+                                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr):
         plane = tl.program_id(1)   # 0 q, 1 k, 2 v
         dtype = dqkv_ptr.dtype.element_ty
         dw = tl.zeros([BLOCK_D], dtype=tl.float32)
-        dbias = tl.zeros([HEADS_P2, BLOCK_D], dtype=tl.float32)
-        for i in range(BLOCKS):
-            block = tl.program_id(0) * BLOCKS + i
-            r, src, dst, pos, d, mask = _row_block(block, plane, rows, HEADS, TOKENS, D, BLOCK_R, BLOCK_D)
+        dbias = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        for i in range(TILES):
+            src, dst, trig, d, mask, trig_mask = _tile(tl.program_id(0) * TILES + i, plane, tokens, HEADS, TOKENS,
+                                                       D, BLOCK_T, BLOCK_H, BLOCK_D)
             if plane == 0:
-                dx, dw_block = _norm_rope_rows_backward(qkv_ptr, bias_ptr, dq_ptr, qw_ptr, cos_ptr, sin_ptr, src,
-                                                        dst, pos, d, mask, eps, HEADS, D, HAS_BIAS, BLOCK_R, BLOCK_D)
-                dw += dw_block
+                dx, dw_tile = _norm_rope_tile_backward(qkv_ptr, bias_ptr, dq_ptr, qw_ptr, cos_ptr, sin_ptr, plane, src,
+                                                       dst, trig, d, mask, trig_mask, eps, HEADS, D, HAS_BIAS,
+                                                       BLOCK_T, BLOCK_H, BLOCK_D)
+                dw += dw_tile
             elif plane == 1:
-                dx, dw_block = _norm_rope_rows_backward(qkv_ptr, bias_ptr, dk_ptr, kw_ptr, cos_ptr, sin_ptr, src,
-                                                        dst, pos, d, mask, eps, HEADS, D, HAS_BIAS, BLOCK_R, BLOCK_D)
-                dw += dw_block
+                dx, dw_tile = _norm_rope_tile_backward(qkv_ptr, bias_ptr, dk_ptr, kw_ptr, cos_ptr, sin_ptr, plane, src,
+                                                       dst, trig, d, mask, trig_mask, eps, HEADS, D, HAS_BIAS,
+                                                       BLOCK_T, BLOCK_H, BLOCK_D)
+                dw += dw_tile
             else:
-                dx = tl.load(dv_ptr + dst[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+                dx = tl.load(dv_ptr + dst, mask=mask, other=0.0).to(tl.float32)
             dx = dx.to(dtype)
-            tl.store(dqkv_ptr + src[:, None] + d[None, :], dx, mask=mask)
-            if HAS_BIAS:   # sums of the gradient as written (masked rows are zeros)
-                dbias += _head_column_sums(dx, r, HEADS, HEADS_P2)
+            tl.store(dqkv_ptr + src, dx, mask=mask)
+            if HAS_BIAS:   # sums of the gradient as written (masked entries are zeros)
+                dbias += tl.sum(dx.to(tl.float32), axis=0)
         # this program's row of partials: [bias (3HD, with the bias) | q weight (D) | k weight (D)]
         d = tl.arange(0, BLOCK_D)
         bias_width: tl.constexpr = 3 * HEADS * D if HAS_BIAS else 0
@@ -158,15 +158,15 @@ if TRITON_AVAILABLE:
         if plane < 2:
             tl.store(partial_ptr + bias_width + plane * D + d, dw, mask=d < D)
         if HAS_BIAS:
-            h = tl.arange(0, HEADS_P2)
-            tl.store(partial_ptr + plane * (HEADS * D) + h[:, None] * D + d[None, :], dbias,
-                     mask=(h < HEADS)[:, None] & (d < D)[None, :])
+            h = tl.arange(0, BLOCK_H)[:, None]
+            tl.store(partial_ptr + plane * (HEADS * D) + h * D + d[None, :], dbias, mask=(h < HEADS) & (d < D)[None, :])
 
-# Forward (rows per program, warps), measured on an H200 at XL/1 shapes with benchmarks/kernels.py. Backward (rows
-# per block, warps, blocks per program): 32 / 2 measured there without the bias; 8 blocks per program keep the bias
-# partials at 1/8 of the gradient's bytes (2 H / (rows x blocks)), not measured yet.
-FORWARD_CONFIG = (16, 2)
-BACKWARD_CONFIG = (32, 2, 8)
+# Forward (tokens per program, warps); backward (tokens per tile, warps, tiles per program). The earlier row-tiled
+# kernels measured best at 16 and 32 rows (one and two XL tokens of 16 heads) with 2 warps on an H200
+# (benchmarks/kernels.py --sweep); 8 tiles per program keep the bias partials at 1/16 of the gradient's bytes
+# (2 / (tokens x tiles), fp32 partials of bf16 values). Not yet measured in this layout.
+FORWARD_CONFIG = (1, 2)
+BACKWARD_CONFIG = (2, 2, 8)
 
 
 def _shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
@@ -182,9 +182,16 @@ def _check_bias(qkv: torch.Tensor, bias: torch.Tensor | None) -> None:
 
 
 def _block_dims(head_dim: int, num_heads: int) -> dict:
-    # at least 16 wide: tl.dot's smallest operand (the bias sums)
-    return {"BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
-            "HEADS_P2": max(16, triton.next_power_of_2(num_heads))}
+    return {"BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_H": triton.next_power_of_2(num_heads)}
+
+
+def _backward_programs(batch: int, tokens: int) -> int:
+    block_tokens, _, tiles = BACKWARD_CONFIG
+    return triton.cdiv(batch * tokens, block_tokens * tiles)
+
+
+def _partials_width(heads: int, head_dim: int, with_bias: bool) -> int:
+    return (3 * heads * head_dim if with_bias else 0) + 2 * head_dim
 
 
 @torch.library.custom_op("sfd::qkv_norm_rope", mutates_args=())
@@ -197,13 +204,12 @@ def qkv_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Ten
     _check_bias(qkv, bias)
     qkv = qkv.contiguous()
     q, k, v = (qkv.new_empty(batch, tokens, heads, head_dim) for _ in range(3))
-    rows = batch * tokens * heads
-    block_rows, warps = FORWARD_CONFIG
-    _qkv_norm_rope_fwd_kernel[(triton.cdiv(rows, block_rows), 3)](
+    block_tokens, warps = FORWARD_CONFIG
+    _qkv_norm_rope_fwd_kernel[(triton.cdiv(batch * tokens, block_tokens), 3)](
         qkv, qkv if bias is None else bias.contiguous(), q, k, v, q_weight.contiguous(), k_weight.contiguous(),
-        cos.float().contiguous(), sin.float().contiguous(), rows, eps, HEADS=heads, TOKENS=tokens, D=head_dim,
-        HAS_BIAS=bias is not None, BLOCK_R=block_rows, BLOCK_D=_block_dims(head_dim, heads)["BLOCK_D"],
-        num_warps=warps)
+        cos.float().contiguous(), sin.float().contiguous(), batch * tokens, eps, HEADS=heads, TOKENS=tokens,
+        D=head_dim, HAS_BIAS=bias is not None, BLOCK_T=block_tokens, num_warps=warps,
+        **_block_dims(head_dim, heads))
     return q, k, v
 
 
@@ -225,25 +231,23 @@ def qkv_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     _check_bias(qkv, bias)
     qkv = qkv.contiguous()
     dqkv = torch.empty_like(qkv)
-    rows = batch * tokens * heads
-    block_rows, warps, blocks = BACKWARD_CONFIG
-    programs = triton.cdiv(rows, block_rows * blocks)
-    width = (3 * heads * head_dim if bias is not None else 0) + 2 * head_dim
-    partials = torch.empty(programs, width, device=qkv.device, dtype=torch.float32)
+    block_tokens, warps, tiles = BACKWARD_CONFIG
+    programs = _backward_programs(batch, tokens)
+    partials = torch.empty(programs, _partials_width(heads, head_dim, bias is not None), device=qkv.device,
+                           dtype=torch.float32)
     _qkv_norm_rope_bwd_kernel[(programs, 3)](
         qkv, qkv if bias is None else bias.contiguous(), dq.contiguous(), dk.contiguous(), dv.contiguous(), dqkv,
         q_weight.contiguous(), k_weight.contiguous(), cos.float().contiguous(), sin.float().contiguous(),
-        partials, rows, eps, HEADS=heads, TOKENS=tokens, D=head_dim, HAS_BIAS=bias is not None,
-        BLOCK_R=block_rows, BLOCKS=blocks, num_warps=warps, **_block_dims(head_dim, heads))
+        partials, batch * tokens, eps, HEADS=heads, TOKENS=tokens, D=head_dim, HAS_BIAS=bias is not None,
+        BLOCK_T=block_tokens, TILES=tiles, num_warps=warps, **_block_dims(head_dim, heads))
     return dqkv, partials
 
 
 @qkv_norm_rope_backward.register_fake
 def _(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, num_heads, eps, bias=None):
     batch, tokens, heads, head_dim = _shape(qkv, num_heads)
-    block_rows, _, blocks = BACKWARD_CONFIG
-    width = (3 * heads * head_dim if bias is not None else 0) + 2 * head_dim
-    return torch.empty_like(qkv), qkv.new_empty(triton.cdiv(batch * tokens * heads, block_rows * blocks), width,
+    return torch.empty_like(qkv), qkv.new_empty(_backward_programs(batch, tokens),
+                                                _partials_width(heads, head_dim, bias is not None),
                                                 dtype=torch.float32)
 
 

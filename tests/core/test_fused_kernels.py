@@ -73,10 +73,13 @@ def test_qkv_norm_rope_matches_float64_forward_and_backward(head_dim):
     assert_backward_matches(fused, reference, inputs, reference_inputs, seed=1, tol=1e-4)
 
 
-@pytest.mark.parametrize("backward_config", [(32, 2, 8), (16, 2, 4)])   # one program; two, the last half empty
-def test_qkv_norm_rope_with_bias_matches_float64_and_returns_the_bias_gradient(monkeypatch, backward_config):
-    monkeypatch.setattr(qkv_module, "BACKWARD_CONFIG", backward_config)
-    qkv, q_weight, k_weight, rope, heads = qkv_case(24)   # 2 x 16 tokens x 3 heads = 96 rows
+# (forward, backward) launches over 32 tokens: the defaults; one half-empty forward tile and three backward
+# programs of 12 tokens, the last one part empty
+@pytest.mark.parametrize("configs", [((1, 2), (2, 2, 8)), ((64, 4), (4, 2, 3))])
+def test_qkv_norm_rope_with_bias_matches_float64_and_returns_the_bias_gradient(monkeypatch, configs):
+    monkeypatch.setattr(qkv_module, "FORWARD_CONFIG", configs[0])
+    monkeypatch.setattr(qkv_module, "BACKWARD_CONFIG", configs[1])
+    qkv, q_weight, k_weight, rope, heads = qkv_case(24)   # 2 images x 16 tokens, 3 heads
     bias = (torch.randn(qkv.shape[-1], generator=torch.Generator().manual_seed(3)) * 0.5).to(DEVICE)
     inputs = [t.detach().requires_grad_() for t in (qkv, q_weight, k_weight, bias)]
     fused = qkv_norm_rope(*inputs[:3], rope.freqs_cos, rope.freqs_sin, heads, 1e-6, inputs[3])
