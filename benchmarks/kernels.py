@@ -78,6 +78,20 @@ NORM_SWEEP = ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16))
 TOKEN_SUMS_SWEEP = ((16, 64, 4), (32, 64, 4), (64, 64, 8), (32, 128, 4), (32, 128, 8), (16, 32, 2))
 
 
+def best_launch(qkv_sweep: list[dict], swiglu_sweep: list[dict], norm_sweep: list[dict]) -> dict[str, list[int]]:
+    """The fastest configuration of each pass, flattened as ``train_step.py --qkv-config / --swiglu-config /
+    --norm-config`` take them (also read whole by its ``--launch-configs``)."""
+    def fastest(rows, key="ms"):
+        return list(min(rows, key=lambda r: r[key])["config"])
+
+    def of_pass(rows, name):
+        return [r for r in rows if r["pass"] == name]
+
+    return {"qkv": fastest(of_pass(qkv_sweep, "forward")) + fastest(of_pass(qkv_sweep, "backward")),
+            "swiglu": fastest(swiglu_sweep, "fwd_ms") + fastest(swiglu_sweep, "bwd_ms"),
+            "norm": sum((fastest(of_pass(norm_sweep, name)) for name in ("forward", "backward", "token sums")), [])}
+
+
 def stock_adaln_inputs(x, attn_out, gate, norm1, norm2, shift1, scale1, shift2, scale2):
     """A block's adaLN work up to the MLP input, unfused: h1, the stream after the attention residual, h2."""
     h1 = modulate(norm1(x), shift1, scale1)
@@ -245,6 +259,10 @@ def main(argv=None) -> dict:
               "heads": heads, "mlp_hidden": args.mlp_hidden, "stock_compiled": compile_stock, "results": rows,
               "qkv_norm_rope_sweep": sweep, "swiglu_sweep": swiglu_sweep,
               "norm_modulate_sweep": norm_sweep}
+    if args.sweep:
+        report["best_launch"] = best_launch(sweep, swiglu_sweep, norm_sweep)
+        print("\nfastest launches: " + " ".join(f"--{op}-config {','.join(map(str, values))}"
+                                                for op, values in report["best_launch"].items()))
     write_json_report(report, "kernels", args.json)
     return report
 

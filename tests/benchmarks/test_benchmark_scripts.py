@@ -55,6 +55,29 @@ def test_kernels_benchmark_times_both_paths_and_the_sweep(tmp_path):
     assert len(report["swiglu_sweep"]) == 6
     assert [r["pass"] for r in report["norm_modulate_sweep"]] == ["forward"] * len(NORM_SWEEP) + ["backward"] * len(
         NORM_SWEEP) + ["token sums"] * len(TOKEN_SUMS_SWEEP)
+    # the fastest launch of each pass, flattened the way train_step.py's flags take them
+    fastest_qkv_backward = min((r for r in report["qkv_norm_rope_sweep"] if r["pass"] == "backward"),
+                               key=lambda r: r["ms"])["config"]
+    fastest_swiglu_forward = min(report["swiglu_sweep"], key=lambda r: r["fwd_ms"])["config"]
+    best = report["best_launch"]
+    assert best["qkv"][2:] == fastest_qkv_backward and best["swiglu"][:3] == fastest_swiglu_forward
+    assert [len(best[op]) for op in ("qkv", "swiglu", "norm")] == [5, 6, 7]
+
+
+def test_train_step_takes_the_launch_configs_of_a_kernels_report(tmp_path, monkeypatch):
+    from benchmarks import train_step
+    for module in (train_step.qkv_module, train_step.swiglu_module, train_step.norm_module):
+        for name in ("FORWARD_CONFIG", "BACKWARD_CONFIG", "TOKEN_SUMS_CONFIG"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, getattr(module, name))   # restored after the test
+    report = tmp_path / "kernels.json"
+    report.write_text(json.dumps({"best_launch": {"qkv": [4, 8, 1, 4, 16], "swiglu": [8, 256, 4, 16, 128, 8],
+                                                  "norm": [2, 4, 8, 8, 16, 32, 2]}}))
+    args = train_step.parse_args(["--device", "cpu", "--launch-configs", str(report), "--swiglu-config",
+                                  "1,64,2,2,64,4"])   # an explicit flag wins over the report
+    train_step.set_kernel_launch_configs(args)
+    assert train_step.kernel_launch_configs() == {"qkv": [4, 8, 1, 4, 16], "swiglu": [1, 64, 2, 2, 64, 4],
+                                                  "norm": [2, 4, 8, 8, 16, 32, 2]}
 
 
 def test_attention_benchmark_times_each_head_dim(tmp_path):
