@@ -125,7 +125,8 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _qkv_norm_rope_bwd_kernel(qkv_ptr, bias_ptr, dq_ptr, dk_ptr, dv_ptr, dqkv_ptr, qw_ptr, kw_ptr, cos_ptr,
-                                  sin_ptr, partial_ptr, tokens, eps, HEADS: tl.constexpr, TOKENS: tl.constexpr,
+                                  sin_ptr, partial_ptr, partial_width, tokens, eps, HEADS: tl.constexpr,
+                                  TOKENS: tl.constexpr,
                                   D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
                                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr):
         plane = tl.program_id(1)   # 0 q, 1 k, 2 v
@@ -151,15 +152,15 @@ if TRITON_AVAILABLE:
             tl.store(dqkv_ptr + src, dx, mask=mask)
             if HAS_BIAS:   # sums of the gradient as written (masked entries are zeros)
                 dbias += tl.sum(dx.to(tl.float32), axis=0)
-        # this program's row of partials: [bias (3HD, with the bias) | q weight (D) | k weight (D)]
+        # this program's row of partials: [q weight (D) | k weight (D) | bias (3HD, with the bias)]
         d = tl.arange(0, BLOCK_D)
-        bias_width: tl.constexpr = 3 * HEADS * D if HAS_BIAS else 0
-        partial_ptr += tl.program_id(0).to(tl.int64) * (bias_width + 2 * D)
+        partial_ptr += tl.program_id(0).to(tl.int64) * partial_width
         if plane < 2:
-            tl.store(partial_ptr + bias_width + plane * D + d, dw, mask=d < D)
+            tl.store(partial_ptr + plane * D + d, dw, mask=d < D)
         if HAS_BIAS:
             h = tl.arange(0, BLOCK_H)[:, None]
-            tl.store(partial_ptr + plane * (HEADS * D) + h * D + d[None, :], dbias, mask=(h < HEADS) & (d < D)[None, :])
+            tl.store(partial_ptr + 2 * D + plane * (HEADS * D) + h * D + d[None, :], dbias,
+                     mask=(h < HEADS) & (d < D)[None, :])
 
 # Forward (tokens per program, warps); backward (tokens per tile, warps, tiles per program). The earlier row-tiled
 # kernels measured best at 16 and 32 rows (one and two XL tokens of 16 heads) with 2 warps on an H200
@@ -191,7 +192,7 @@ def _backward_programs(batch: int, tokens: int) -> int:
 
 
 def _partials_width(heads: int, head_dim: int, with_bias: bool) -> int:
-    return (3 * heads * head_dim if with_bias else 0) + 2 * head_dim
+    return 2 * head_dim + (3 * heads * head_dim if with_bias else 0)
 
 
 @torch.library.custom_op("sfd::qkv_norm_rope", mutates_args=())
@@ -224,8 +225,8 @@ def qkv_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
                            q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            num_heads: int, eps: float,
                            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (d qkv [B, N, 3HD], per-program partial sums [programs, 3HD + 2D]: each row holds d bias (with
-    ``bias``), then d q_weight and d k_weight). The caller sums the partials over programs, where Inductor can
+    """-> (d qkv [B, N, 3HD], per-program partial sums [programs, 2D (+ 3HD)]: each row holds d q_weight,
+    d k_weight and, with ``bias``, d bias). The caller sums the partials over programs, where Inductor can
     fuse that sum with the casts to the parameters' dtypes."""
     batch, tokens, heads, head_dim = _shape(qkv, num_heads)
     _check_bias(qkv, bias)
@@ -233,12 +234,12 @@ def qkv_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     dqkv = torch.empty_like(qkv)
     block_tokens, warps, tiles = BACKWARD_CONFIG
     programs = _backward_programs(batch, tokens)
-    partials = torch.empty(programs, _partials_width(heads, head_dim, bias is not None), device=qkv.device,
-                           dtype=torch.float32)
+    width = _partials_width(heads, head_dim, bias is not None)
+    partials = torch.empty(programs, width, device=qkv.device, dtype=torch.float32)
     _qkv_norm_rope_bwd_kernel[(programs, 3)](
         qkv, qkv if bias is None else bias.contiguous(), dq.contiguous(), dk.contiguous(), dv.contiguous(), dqkv,
         q_weight.contiguous(), k_weight.contiguous(), cos.float().contiguous(), sin.float().contiguous(),
-        partials, batch * tokens, eps, HEADS=heads, TOKENS=tokens, D=head_dim, HAS_BIAS=bias is not None,
+        partials, width, batch * tokens, eps, HEADS=heads, TOKENS=tokens, D=head_dim, HAS_BIAS=bias is not None,
         BLOCK_T=block_tokens, TILES=tiles, num_warps=warps, **_block_dims(head_dim, heads))
     return dqkv, partials
 
@@ -264,7 +265,7 @@ def _backward(ctx, dq, dk, dv):
     dqkv, partials = qkv_norm_rope_backward(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, ctx.num_heads, ctx.eps,
                                             bias)
     sums = partials.sum(0)
-    dbias, dq_weight, dk_weight = sums.split([sums.numel() - 2 * shape[3], shape[3], shape[3]])
+    dq_weight, dk_weight, dbias = sums.split([shape[3], shape[3], sums.numel() - 2 * shape[3]])
     return (dqkv, dq_weight.to(q_weight.dtype), dk_weight.to(k_weight.dtype), None, None, None, None,
             dbias.to(bias.dtype) if bias is not None else None)
 
