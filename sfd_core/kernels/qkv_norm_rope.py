@@ -27,65 +27,64 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    # A program's tile is [tokens, heads, D] of one plane (q, k or v): contiguous in qkv and in the outputs, the
-    # RoPE tables loaded once per token (not per head), the bias gradient a sum over the token axis alone. D and
-    # the heads are padded to powers of two. RoPE's pair rotation is a register reshape [..., D/2, 2] -> split ->
-    # join. (Loading even and odd halves with stride 2 instead measured 10x slower.)
+    # A program's tile is [tokens x heads, D] rows of one plane (q, k or v), heads padded to a power of two so
+    # that the bias gradient is a reshape to [tokens, heads, D] and a sum over tokens. Rows are loaded whole
+    # (coalesced, D padded to a power of two); RoPE's pair rotation is a register reshape [R, D/2, 2] -> split ->
+    # join. (Loading even and odd halves with stride 2 instead measured 10x slower; a 3-D [tokens, heads, D] tile
+    # compiled to more layout conversions and spilled in Triton 3.6: benchmarks/kernel_sass.py.)
 
     @triton.jit
-    def _rotate_pairs(y, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rotate_pairs(y, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         # (y0, y1, y2, y3, ...) -> (-y1, y0, -y3, y2, ...)
-        even, odd = tl.split(tl.reshape(y, [BLOCK_T, BLOCK_H, BLOCK_D // 2, 2]))
-        return tl.reshape(tl.join(-odd, even), [BLOCK_T, BLOCK_H, BLOCK_D])
+        even, odd = tl.split(tl.reshape(y, [BLOCK_R, BLOCK_D // 2, 2]))
+        return tl.reshape(tl.join(-odd, even), [BLOCK_R, BLOCK_D])
 
     @triton.jit
-    def _rotate_pairs_transposed(g, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rotate_pairs_transposed(g, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         # the transpose of _rotate_pairs: (g0, g1, g2, g3, ...) -> (g1, -g0, g3, -g2, ...)
-        even, odd = tl.split(tl.reshape(g, [BLOCK_T, BLOCK_H, BLOCK_D // 2, 2]))
-        return tl.reshape(tl.join(odd, -even), [BLOCK_T, BLOCK_H, BLOCK_D])
+        even, odd = tl.split(tl.reshape(g, [BLOCK_R, BLOCK_D // 2, 2]))
+        return tl.reshape(tl.join(odd, -even), [BLOCK_R, BLOCK_D])
 
     @triton.jit
-    def _tile(block, plane, tokens, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
-              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Token block ``block`` of ``plane``: offsets [T, H, D] in qkv (src) and in [B, N, H, D] (dst), offsets
-        [T, 1, D] in the RoPE tables (trig), the column index [D] and the masks of the tile and of trig."""
-        t = (block.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T))[:, None, None]
-        h = tl.arange(0, BLOCK_H)[None, :, None]
+    def _row_block(block, plane, tokens, HEADS: tl.constexpr, TOKENS: tl.constexpr, D: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Token block ``block`` as BLOCK_T * BLOCK_H rows (token, padded head): the rows' offsets in qkv (src)
+        and in [B, N, H, D] (dst), the token's position in its image (pos), the column index and the mask."""
+        r = tl.arange(0, BLOCK_T * BLOCK_H)
+        token = block.to(tl.int64) * BLOCK_T + r // BLOCK_H
+        head = r % BLOCK_H
         d = tl.arange(0, BLOCK_D)
-        trig_mask = (t < tokens) & (d < D)[None, None, :]
-        mask = trig_mask & (h < HEADS)
-        head_offset = h * D + d[None, None, :]
-        src = t * (3 * HEADS * D) + plane * (HEADS * D) + head_offset
-        return src, t * (HEADS * D) + head_offset, (t % TOKENS) * D + d[None, None, :], d, mask, trig_mask
+        mask = ((token < tokens) & (head < HEADS))[:, None] & (d < D)[None, :]
+        src = token * (3 * HEADS * D) + plane * (HEADS * D) + head * D
+        return src, (token * HEADS + head) * D, token % TOKENS, d, mask
 
     @triton.jit
-    def _load_tile(qkv_ptr, bias_ptr, src, plane, d, mask, HEADS: tl.constexpr, D: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr):
-        """The tile of qkv in fp32, with the projection's bias added and rounded like a linear layer's output."""
-        x = tl.load(qkv_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    def _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The rows of qkv in fp32, with the projection's bias added and rounded like a linear layer's output."""
+        x = tl.load(qkv_ptr + src[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dtype = qkv_ptr.dtype.element_ty
-            h = tl.arange(0, BLOCK_H)[:, None]
-            bias = tl.load(bias_ptr + plane * (HEADS * D) + h * D + d[None, :], mask=(h < HEADS) & (d < D)[None, :],
-                           other=0.0)
-            x = (x + bias.to(dtype).to(tl.float32)[None, :, :]).to(dtype).to(tl.float32)
+            # src modulo one token's 3HD values is the row's offset in the bias
+            bias = tl.load(bias_ptr + (src % (3 * HEADS * D))[:, None] + d[None, :], mask=mask, other=0.0)
+            x = (x + bias.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         return x
 
     @triton.jit
-    def _norm_rope_tile(qkv_ptr, bias_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, plane, src, dst, trig, d, mask,
-                        trig_mask, eps, HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _norm_rope_rows(qkv_ptr, bias_ptr, out_ptr, w_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
+                        HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
         dtype = qkv_ptr.dtype.element_ty
-        x = _load_tile(qkv_ptr, bias_ptr, src, plane, d, mask, HEADS, D, HAS_BIAS, BLOCK_H)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=2) / D + eps)[:, :, None]
-        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, None, :]
+        x = _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS, D, HAS_BIAS)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
         # the module's RMSNorm: normalise in fp32, round, scale by the fp32 weight, round
-        normed = (x * rstd).to(dtype).to(tl.float32)
-        y = (normed * w).to(dtype).to(tl.float32)
-        cos = tl.load(cos_ptr + trig, mask=trig_mask, other=0.0)
-        sin = tl.load(sin_ptr + trig, mask=trig_mask, other=0.0)
-        out = y * cos + _rotate_pairs(y, BLOCK_T, BLOCK_H, BLOCK_D) * sin
-        tl.store(out_ptr + dst, out.to(dtype), mask=mask)
+        normed = (x * rstd[:, None]).to(dtype).to(tl.float32)
+        y = (normed * w[None, :]).to(dtype).to(tl.float32)
+        trig = pos[:, None] * D + d[None, :]
+        cos = tl.load(cos_ptr + trig, mask=mask, other=0.0)
+        sin = tl.load(sin_ptr + trig, mask=mask, other=0.0)
+        out = y * cos + _rotate_pairs(y, BLOCK_R, BLOCK_D) * sin
+        tl.store(out_ptr + dst[:, None] + d[None, :], out.to(dtype), mask=mask)
 
     @triton.jit
     def _qkv_norm_rope_fwd_kernel(qkv_ptr, bias_ptr, q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, tokens,
@@ -93,65 +92,66 @@ if TRITON_AVAILABLE:
                                   HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                                   BLOCK_D: tl.constexpr):
         plane = tl.program_id(1)   # 0 q, 1 k, 2 v
-        src, dst, trig, d, mask, trig_mask = _tile(tl.program_id(0), plane, tokens, HEADS, TOKENS, D, BLOCK_T,
-                                                   BLOCK_H, BLOCK_D)
+        src, dst, pos, d, mask = _row_block(tl.program_id(0), plane, tokens, HEADS, TOKENS, D, BLOCK_T, BLOCK_H,
+                                            BLOCK_D)
         if plane == 0:
-            _norm_rope_tile(qkv_ptr, bias_ptr, q_ptr, qw_ptr, cos_ptr, sin_ptr, plane, src, dst, trig, d, mask,
-                            trig_mask, eps, HEADS, D, HAS_BIAS, BLOCK_T, BLOCK_H, BLOCK_D)
+            _norm_rope_rows(qkv_ptr, bias_ptr, q_ptr, qw_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
+                            HEADS, D, HAS_BIAS, BLOCK_T * BLOCK_H, BLOCK_D)
         elif plane == 1:
-            _norm_rope_tile(qkv_ptr, bias_ptr, k_ptr, kw_ptr, cos_ptr, sin_ptr, plane, src, dst, trig, d, mask,
-                            trig_mask, eps, HEADS, D, HAS_BIAS, BLOCK_T, BLOCK_H, BLOCK_D)
+            _norm_rope_rows(qkv_ptr, bias_ptr, k_ptr, kw_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
+                            HEADS, D, HAS_BIAS, BLOCK_T * BLOCK_H, BLOCK_D)
         else:
-            v = _load_tile(qkv_ptr, bias_ptr, src, plane, d, mask, HEADS, D, HAS_BIAS, BLOCK_H)
-            tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=mask)
+            v = _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS, D, HAS_BIAS)
+            tl.store(v_ptr + dst[:, None] + d[None, :], v.to(v_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _norm_rope_tile_backward(qkv_ptr, bias_ptr, grad_ptr, w_ptr, cos_ptr, sin_ptr, plane, src, dst, trig, d,
-                                 mask, trig_mask, eps, HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        """(d qkv tile in fp32, this tile's share of d weight [D])."""
-        x = _load_tile(qkv_ptr, bias_ptr, src, plane, d, mask, HEADS, D, HAS_BIAS, BLOCK_H)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=2) / D + eps)[:, :, None]
-        normed = x * rstd
-        cos = tl.load(cos_ptr + trig, mask=trig_mask, other=0.0)
-        sin = tl.load(sin_ptr + trig, mask=trig_mask, other=0.0)
-        g = tl.load(grad_ptr + dst, mask=mask, other=0.0).to(tl.float32)
+    def _norm_rope_rows_backward(qkv_ptr, bias_ptr, grad_ptr, w_ptr, cos_ptr, sin_ptr, src, dst, pos, d, mask, eps,
+                                 HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """(d qkv rows in fp32, this block's share of d weight)."""
+        x = _load_rows(qkv_ptr, bias_ptr, src, d, mask, HEADS, D, HAS_BIAS)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        normed = x * rstd[:, None]
+        trig = pos[:, None] * D + d[None, :]
+        cos = tl.load(cos_ptr + trig, mask=mask, other=0.0)
+        sin = tl.load(sin_ptr + trig, mask=mask, other=0.0)
+        g = tl.load(grad_ptr + dst[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         # RoPE transposed, then RMSNorm backward: dx = r (dn - n mean(dn n)), dn = dy w
-        dy = g * cos + _rotate_pairs_transposed(g * sin, BLOCK_T, BLOCK_H, BLOCK_D)
-        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, None, :]
-        dn = dy * w
-        dx = rstd * (dn - normed * (tl.sum(dn * normed, axis=2) / D)[:, :, None])
-        return dx, tl.sum(tl.sum(dy * normed, axis=0), axis=0)
+        dy = g * cos + _rotate_pairs_transposed(g * sin, BLOCK_R, BLOCK_D)
+        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        dn = dy * w[None, :]
+        dx = rstd[:, None] * (dn - normed * (tl.sum(dn * normed, axis=1) / D)[:, None])
+        return dx, tl.sum(dy * normed, axis=0)
 
     @triton.jit
     def _qkv_norm_rope_bwd_kernel(qkv_ptr, bias_ptr, dq_ptr, dk_ptr, dv_ptr, dqkv_ptr, qw_ptr, kw_ptr, cos_ptr,
                                   sin_ptr, partial_ptr, partial_width, tokens, eps, HEADS: tl.constexpr,
-                                  TOKENS: tl.constexpr,
-                                  D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-                                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr):
+                                  TOKENS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  TILES: tl.constexpr):
         plane = tl.program_id(1)   # 0 q, 1 k, 2 v
         dtype = dqkv_ptr.dtype.element_ty
         dw = tl.zeros([BLOCK_D], dtype=tl.float32)
         dbias = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
         for i in range(TILES):
-            src, dst, trig, d, mask, trig_mask = _tile(tl.program_id(0) * TILES + i, plane, tokens, HEADS, TOKENS,
-                                                       D, BLOCK_T, BLOCK_H, BLOCK_D)
+            src, dst, pos, d, mask = _row_block(tl.program_id(0) * TILES + i, plane, tokens, HEADS, TOKENS, D,
+                                                BLOCK_T, BLOCK_H, BLOCK_D)
             if plane == 0:
-                dx, dw_tile = _norm_rope_tile_backward(qkv_ptr, bias_ptr, dq_ptr, qw_ptr, cos_ptr, sin_ptr, plane, src,
-                                                       dst, trig, d, mask, trig_mask, eps, HEADS, D, HAS_BIAS,
-                                                       BLOCK_T, BLOCK_H, BLOCK_D)
+                dx, dw_tile = _norm_rope_rows_backward(qkv_ptr, bias_ptr, dq_ptr, qw_ptr, cos_ptr, sin_ptr, src, dst,
+                                                       pos, d, mask, eps, HEADS, D, HAS_BIAS, BLOCK_T * BLOCK_H,
+                                                       BLOCK_D)
                 dw += dw_tile
             elif plane == 1:
-                dx, dw_tile = _norm_rope_tile_backward(qkv_ptr, bias_ptr, dk_ptr, kw_ptr, cos_ptr, sin_ptr, plane, src,
-                                                       dst, trig, d, mask, trig_mask, eps, HEADS, D, HAS_BIAS,
-                                                       BLOCK_T, BLOCK_H, BLOCK_D)
+                dx, dw_tile = _norm_rope_rows_backward(qkv_ptr, bias_ptr, dk_ptr, kw_ptr, cos_ptr, sin_ptr, src, dst,
+                                                       pos, d, mask, eps, HEADS, D, HAS_BIAS, BLOCK_T * BLOCK_H,
+                                                       BLOCK_D)
                 dw += dw_tile
             else:
-                dx = tl.load(dv_ptr + dst, mask=mask, other=0.0).to(tl.float32)
+                dx = tl.load(dv_ptr + dst[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
             dx = dx.to(dtype)
-            tl.store(dqkv_ptr + src, dx, mask=mask)
-            if HAS_BIAS:   # sums of the gradient as written (masked entries are zeros)
-                dbias += tl.sum(dx.to(tl.float32), axis=0)
+            tl.store(dqkv_ptr + src[:, None] + d[None, :], dx, mask=mask)
+            if HAS_BIAS:   # sums over the tile's tokens of the gradient as written (masked rows are zeros)
+                dbias += tl.sum(tl.reshape(dx.to(tl.float32), [BLOCK_T, BLOCK_H, BLOCK_D]), axis=0)
         # this program's row of partials: [q weight (D) | k weight (D) | bias (3HD, with the bias)]
         d = tl.arange(0, BLOCK_D)
         partial_ptr += tl.program_id(0).to(tl.int64) * partial_width
@@ -162,10 +162,10 @@ if TRITON_AVAILABLE:
             tl.store(partial_ptr + 2 * D + plane * (HEADS * D) + h * D + d[None, :], dbias,
                      mask=(h < HEADS) & (d < D)[None, :])
 
-# Forward (tokens per program, warps); backward (tokens per tile, warps, tiles per program). The earlier row-tiled
-# kernels measured best at 16 and 32 rows (one and two XL tokens of 16 heads) with 2 warps on an H200
-# (benchmarks/kernels.py --sweep); 8 tiles per program keep the bias partials at 1/16 of the gradient's bytes
-# (2 / (tokens x tiles), fp32 partials of bf16 values). Not yet measured in this layout.
+# Forward (tokens per program, warps); backward (tokens per tile, warps, tiles per program). At XL/1 (16 heads) the
+# defaults are the row counts measured best on an H200 before the bias moved into the kernels (16 and 32 rows, 2
+# warps; benchmarks/kernels.py --sweep); 8 tiles per program keep the bias partials at 1/16 of the gradient's bytes
+# (2 / (tokens x tiles): fp32 partials of bf16 values). The tiles per program are not measured yet.
 FORWARD_CONFIG = (1, 2)
 BACKWARD_CONFIG = (2, 2, 8)
 
