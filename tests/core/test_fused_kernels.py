@@ -14,6 +14,7 @@ from sfd_core.kernels import norm_modulate as norm_module
 from sfd_core.kernels.norm_modulate import norm_modulate, residual_norm_modulate
 from sfd_core.kernels import qkv_norm_rope as qkv_module
 from sfd_core.kernels.qkv_norm_rope import qkv_norm_rope
+from sfd_core.kernels import swiglu as swiglu_module
 from sfd_core.kernels.swiglu import swiglu
 from sfd_core.models import build_model
 from sfd_core.models.layers import RMSNorm, modulate
@@ -115,6 +116,12 @@ def test_qkv_norm_rope_passes_opcheck(with_bias):
             rope.freqs_sin, heads, 1e-6, bias)
     torch.library.opcheck(qkv_norm_rope, args, test_utils=("test_schema", "test_autograd_registration",
                                                            "test_faketensor"))
+    # the backward op too: its fake partials must have the real shape (compiled steps allocate by them)
+    grad = torch.randn(*qkv.shape[:2], heads, qkv.shape[2] // (3 * heads), device=DEVICE)
+    backward_args = (grad, grad, grad, qkv.detach(), q_weight.detach(), k_weight.detach(), rope.freqs_cos,
+                     rope.freqs_sin, heads, 1e-6, None if bias is None else bias.detach())
+    torch.library.opcheck(qkv_module.qkv_norm_rope_backward, backward_args, test_utils=("test_schema",
+                                                                                       "test_faketensor"))
 
 
 def test_swiglu_matches_float64_forward_and_backward():
@@ -148,6 +155,8 @@ def test_swiglu_with_bias_matches_float64_and_returns_the_bias_gradient():
     torch.testing.assert_close(bias.grad.double(), reference_bias.grad, rtol=1e-5, atol=1e-5)
     torch.library.opcheck(swiglu, (h.detach().requires_grad_(), bias.detach().requires_grad_()),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(swiglu_module.swiglu_backward, (grad, h.detach(), bias.detach()),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_swiglu_in_bf16_rounds_like_the_stock_module_and_passes_opcheck():
@@ -318,3 +327,26 @@ def test_fused_tiny_model_matches_the_stock_model_and_loads_its_weights(depth, r
     assert g0.keys() == g1.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_fused_tiny_model_traces_into_one_graph_with_the_same_gradients():
+    """What torch.compile traces (the ops' fake shapes, their autograd formulas, the partial sums after the
+    kernels) matches the eager fused model; aot_eager runs the traced graphs without Inductor's code generation."""
+    torch.manual_seed(0)
+    model = build_model("LightningDiT-tiny/1", input_size=4, depth=2, repa_depth=1, fused_kernels=True).to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 48, 4, 4, generator=gen).to(DEVICE)
+    t = (torch.rand(2, generator=gen).to(DEVICE), torch.rand(2, generator=gen).to(DEVICE))
+    y, drop = torch.tensor([3, 7], device=DEVICE), torch.tensor([False, True], device=DEVICE)
+    grads = []
+    for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        velocity, projection = run(x, t, y, drop_labels=drop)
+        (velocity.square().mean() + projection.square().mean()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
