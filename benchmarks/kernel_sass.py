@@ -34,6 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import write_json_report  # noqa: E402
 from sfd_core.kernels import TRITON_AVAILABLE  # noqa: E402
+
+if not TRITON_AVAILABLE:
+    sys.exit("kernel_sass.py compiles Triton kernels: Triton is not installed")
+
+import triton  # noqa: E402
 from sfd_core.kernels import adamw_ema as adamw_module  # noqa: E402
 from sfd_core.kernels import norm_modulate as norm_module  # noqa: E402
 from sfd_core.kernels import qkv_norm_rope as qkv_module  # noqa: E402
@@ -101,7 +106,6 @@ def compile_for_hopper(launch: Launch):
 
 
 def _triton_tool(name: str) -> str:
-    import triton
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
@@ -215,10 +219,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    if not TRITON_AVAILABLE:
-        parser.error("Triton is not installed")
     rows = [kernel_report(op, launch) for op, launch in op_launches(args.ops.split(","), args.batch)]
-    print(f"\n### fused kernels compiled for sm_{HOPPER[1]} (XL/1 shapes, batch {args.batch})\n")
+    print(f"\n### fused kernels compiled for sm_{HOPPER[1]} by Triton {triton.__version__} (XL/1 shapes, batch "
+          f"{args.batch})\n")
     print("| kernel | warps | grid | regs | spill B | smem B | SASS | LDG (bits: n) | STG (bits: n) | LDS | STS "
           "| BAR | SHFL |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -227,7 +230,8 @@ def main(argv=None) -> dict:
               f"| {r['spill_store_bytes']} | {r['shared_bytes']} | {r['instructions']} "
               f"| {r['global load widths']} | {r['global store widths']} | {r['shared load']} "
               f"| {r['shared store']} | {r['barrier']} | {r['shuffle']} |")
-    report = {"target": list(HOPPER), "batch": args.batch, "results": rows}
+    report = {"target": list(HOPPER), "triton": triton.__version__, "torch": torch.__version__, "batch": args.batch,
+              "results": rows}
     write_json_report(report, "kernel_sass", args.json)
     return report
 
