@@ -3,8 +3,9 @@
 Each op replaces a chain of memory-bound elementwise/reduction work around the matmuls that ``torch.compile``
 lowers to several slow kernels (profiled in benchmarks/RESULTS.md):
 
-- ``qkv_norm_rope``: split the fused qkv projection, QK RMSNorm + 2-D RoPE on q and k, v copied, all in the
-  [B, N, H, D] layout SDPA reads; its backward writes the whole qkv gradient in one pass.
+- ``qkv_norm_rope``: split the fused qkv projection (optionally adding its bias), QK RMSNorm + 2-D RoPE on q and
+  k, v copied, all in the [B, N, H, D] layout SDPA reads; its backward writes the whole qkv gradient in one pass
+  and returns the bias gradient from per-program partial sums.
 - ``norm_modulate`` / ``residual_norm_modulate``: the adaLN sublayer input ``RMSNorm(x) (1 + scale) + shift``,
   optionally after the previous sublayer's gated residual (with that branch's linear bias); the backward's row
   kernel writes the stream gradients, and one more pass takes the per-image token sums from which the shift,
