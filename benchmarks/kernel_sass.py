@@ -158,6 +158,9 @@ def sass_mix(cubin: bytes) -> dict:
             "global store widths": dict(sorted(widths["global store"].items()))}
 
 
+OPS = ("qkv_norm_rope", "swiglu", "norm_modulate", "adamw_ema")
+
+
 def op_launches(ops: list[str], batch: int, tokens: int = 256, hidden: int = 1152, heads: int = 16,
                 mlp_hidden: int = 3072) -> list[tuple[str, Launch]]:
     """(op, launch) for each kernel launch of the forward and backward of ``ops`` at these shapes (bf16
@@ -200,8 +203,6 @@ def op_launches(ops: list[str], batch: int, tokens: int = 256, hidden: int = 115
             rows += [(op, launch) for launch in launches[start:]]
     return rows
 
-
-OPS = ("qkv_norm_rope", "swiglu", "norm_modulate", "adamw_ema")
 
 
 def kernel_report(op: str, launch: Launch) -> dict:

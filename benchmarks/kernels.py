@@ -78,6 +78,35 @@ NORM_SWEEP = ((1, 4), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16))
 TOKEN_SUMS_SWEEP = ((16, 64, 4), (32, 64, 4), (64, 64, 8), (32, 128, 4), (32, 128, 8), (16, 32, 2))
 
 
+# Each op's launch configurations (module attributes, tuples of ints), in the order the sweep report, the
+# train_step.py flags and its JSON flatten them into one list per op.
+LAUNCH_CONFIGS = {"qkv": (qkv_module, ("FORWARD_CONFIG", "BACKWARD_CONFIG")),
+                  "swiglu": (swiglu_module, ("FORWARD_CONFIG", "BACKWARD_CONFIG")),
+                  "norm": (norm_module, ("FORWARD_CONFIG", "BACKWARD_CONFIG", "TOKEN_SUMS_CONFIG"))}
+
+
+def launch_configs() -> dict[str, list[int]]:
+    """The fused kernels' current launch configurations, flattened per op."""
+    return {op: [v for name in names for v in getattr(module, name)] for op, (module, names) in LAUNCH_CONFIGS.items()}
+
+
+def set_launch_configs(op: str, values: list[int]) -> None:
+    """Sets ``op``'s launch configurations from a flattened list, in order; a list may stop after any whole
+    configuration (the rest keep theirs)."""
+    module, names = LAUNCH_CONFIGS[op]
+    values = list(values)
+    for name in names:
+        if not values:
+            return
+        width = len(getattr(module, name))
+        if len(values) < width:
+            raise ValueError(f"{op} launch values end inside {name} ({width} values): {values}")
+        setattr(module, name, tuple(values[:width]))
+        values = values[width:]
+    if values:
+        raise ValueError(f"{op} takes {sum(len(getattr(module, n)) for n in names)} launch values; {values} left")
+
+
 def best_launch(qkv_sweep: list[dict], swiglu_sweep: list[dict], norm_sweep: list[dict]) -> dict[str, list[int]]:
     """The fastest configuration of each pass, flattened as ``train_step.py --qkv-config / --swiglu-config /
     --norm-config`` take them (also read whole by its ``--launch-configs``)."""
@@ -192,9 +221,7 @@ def main(argv=None) -> dict:
 
     sweep, swiglu_sweep, norm_sweep = [], [], []
     if args.sweep:
-        defaults = (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.FORWARD_CONFIG,
-                    swiglu_module.BACKWARD_CONFIG, norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG,
-                    norm_module.TOKEN_SUMS_CONFIG)
+        defaults = launch_configs()
         outs = fused_attn()
         grads = [g.contiguous() for g in attn_grads(outs)]
         mlp_grad = torch.ones(b, n, args.mlp_hidden, device=device, dtype=dtype)
@@ -243,9 +270,8 @@ def main(argv=None) -> dict:
                 norm_sweep.append({"pass": "token sums", "config": config, "ms": sums})
                 log(f"norm_modulate token sums (tokens, cols, warps) {config}: {sums:.3f} ms")
         finally:
-            (qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG, swiglu_module.FORWARD_CONFIG,
-             swiglu_module.BACKWARD_CONFIG, norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG,
-             norm_module.TOKEN_SUMS_CONFIG) = defaults
+            for op, values in defaults.items():
+                set_launch_configs(op, values)
 
     print(f"\n### fused kernels, batch {b} x {n} tokens, hidden {h}, {heads} heads, bf16 "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})\n")

@@ -53,9 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.report import print_kernel_profile, write_json_report  # noqa: E402
-from sfd_core.kernels import norm_modulate as norm_module  # noqa: E402
-from sfd_core.kernels import qkv_norm_rope as qkv_module  # noqa: E402
-from sfd_core.kernels import swiglu as swiglu_module  # noqa: E402
+from benchmarks.kernels import LAUNCH_CONFIGS, launch_configs, set_launch_configs  # noqa: E402
 from sfd_core.models import build_model, model_config  # noqa: E402
 from sfd_core.optim import AdamWWithEMA, autocast_weights  # noqa: E402
 from sfd_core.reporting import log  # noqa: E402
@@ -418,30 +416,14 @@ def parse_args(argv=None):
 def set_kernel_launch_configs(args) -> None:
     """``--qkv-config`` / ``--swiglu-config`` / ``--norm-config`` (or ``--launch-configs``): this run's launch
     configurations of the fused kernels."""
-    if args.launch_configs:
-        best = json.loads(Path(args.launch_configs).read_text())["best_launch"]
-        for op in ("qkv", "swiglu", "norm"):
-            if not getattr(args, f"{op}_config"):
-                setattr(args, f"{op}_config", ",".join(map(str, best[op])))
-        print(f"launch configs: qkv {args.qkv_config}, swiglu {args.swiglu_config}, norm {args.norm_config}")
-    if args.qkv_config:
-        values = tuple(int(v) for v in args.qkv_config.split(","))
-        qkv_module.FORWARD_CONFIG, qkv_module.BACKWARD_CONFIG = values[:2], values[2:]
-    if args.swiglu_config:
-        values = tuple(int(v) for v in args.swiglu_config.split(","))
-        swiglu_module.FORWARD_CONFIG, swiglu_module.BACKWARD_CONFIG = values[:3], values[3:]
-    if args.norm_config:
-        values = tuple(int(v) for v in args.norm_config.split(","))
-        norm_module.FORWARD_CONFIG, norm_module.BACKWARD_CONFIG = values[:2], values[2:4]
-        if len(values) > 4:
-            norm_module.TOKEN_SUMS_CONFIG = values[4:]
-
-
-def kernel_launch_configs() -> dict[str, list[int]]:
-    """The fused kernels' launch configurations this run used, flattened like the flags."""
-    return {"qkv": [*qkv_module.FORWARD_CONFIG, *qkv_module.BACKWARD_CONFIG],
-            "swiglu": [*swiglu_module.FORWARD_CONFIG, *swiglu_module.BACKWARD_CONFIG],
-            "norm": [*norm_module.FORWARD_CONFIG, *norm_module.BACKWARD_CONFIG, *norm_module.TOKEN_SUMS_CONFIG]}
+    best = json.loads(Path(args.launch_configs).read_text())["best_launch"] if args.launch_configs else {}
+    for op in LAUNCH_CONFIGS:
+        flag = getattr(args, f"{op}_config")
+        values = [int(v) for v in flag.split(",")] if flag else best.get(op)
+        if values:
+            set_launch_configs(op, values)
+    if best:
+        print(f"launch configs: {launch_configs()}")
 
 
 def main(argv=None) -> dict:
@@ -504,7 +486,7 @@ def main(argv=None) -> dict:
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "torch": torch.__version__, "loss": "sfd_core.transport" if sfd_training_loss else "local",
               "matmul_ceiling_tflops": ceiling / 1e12, "ceiling_size": args.ceiling_size, "flops": flops,
-              "steps": args.steps, "warmup": args.warmup, "launch_configs": kernel_launch_configs(),
+              "steps": args.steps, "warmup": args.warmup, "launch_configs": launch_configs(),
               "results": results}
     print(f"\n### {args.model} on {report['device_name'] or device}: bf16 ceiling {ceiling / 1e12:.1f} TFLOP/s, "
           f"train {3 * train_fwd / 1e9:.1f} GFLOP/img (counted {counted_total / 1e9:.1f}), "

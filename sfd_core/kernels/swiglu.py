@@ -119,9 +119,9 @@ def swiglu_backward(grad: torch.Tensor, h: torch.Tensor,
 
 @swiglu_backward.register_fake
 def _(grad, h, bias):
-    rows = h.numel() // h.shape[-1]
-    return torch.empty_like(h), h.new_empty(triton.cdiv(rows, BACKWARD_CONFIG[0]) if bias is not None else 0,
-                                            h.shape[-1], dtype=torch.float32)
+    hidden = h.shape[-1] // 2
+    programs = _grid(h.numel() // (2 * hidden), hidden, BACKWARD_CONFIG)[0] if bias is not None else 0
+    return torch.empty_like(h), h.new_empty(programs, 2 * hidden, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):

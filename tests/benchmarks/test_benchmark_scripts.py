@@ -70,18 +70,18 @@ def test_kernels_benchmark_times_both_paths_and_the_sweep(tmp_path):
 
 def test_train_step_takes_the_launch_configs_of_a_kernels_report(tmp_path, monkeypatch):
     from benchmarks import train_step
-    for module in (train_step.qkv_module, train_step.swiglu_module, train_step.norm_module):
-        for name in ("FORWARD_CONFIG", "BACKWARD_CONFIG", "TOKEN_SUMS_CONFIG"):
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, getattr(module, name))   # restored after the test
+    from benchmarks.kernels import LAUNCH_CONFIGS
+    for module, names in LAUNCH_CONFIGS.values():
+        for name in names:
+            monkeypatch.setattr(module, name, getattr(module, name))   # restored after the test
     report = tmp_path / "kernels.json"
     report.write_text(json.dumps({"best_launch": {"qkv": [4, 8, 1, 4, 16], "swiglu": [8, 256, 4, 16, 128, 8],
                                                   "norm": [2, 4, 8, 8, 16, 32, 2]}}))
     args = train_step.parse_args(["--device", "cpu", "--launch-configs", str(report), "--swiglu-config",
                                   "1,64,2,2,64,4"])   # an explicit flag wins over the report
     train_step.set_kernel_launch_configs(args)
-    assert train_step.kernel_launch_configs() == {"qkv": [4, 8, 1, 4, 16], "swiglu": [1, 64, 2, 2, 64, 4],
-                                                  "norm": [2, 4, 8, 8, 16, 32, 2]}
+    assert train_step.launch_configs() == {"qkv": [4, 8, 1, 4, 16], "swiglu": [1, 64, 2, 2, 64, 4],
+                                           "norm": [2, 4, 8, 8, 16, 32, 2]}
 
 
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed")
